@@ -1,0 +1,1 @@
+"""lorapipe: a reproducible LoRA / QLoRA fine-tuning pipeline on DVC."""

@@ -1,0 +1,184 @@
+"""Typed params: params.yaml is validated once, before any model or data loads.
+
+A param's name here is its name in params.yaml and in dvc.yaml's `params:` lists.
+Every error is one line that names the file and the field.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad params, missing file, offline hub); printed as one line."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(_Section):
+    train: str = Field(
+        description="file (.tsv/.csv/.jsonl/.txt), pydoc:topics, or hf:<id>[:<config>]:<split>"
+    )
+    eval: str | None = Field(None, description="same forms; null holds out eval_fraction of train")
+    eval_fraction: float = Field(0.1, gt=0, lt=1)
+    text_field: str = "sentence"
+    label_field: str = "label"
+    num_labels: int = Field(2, ge=2)
+    input_field: str = "input"
+    output_field: str = "output"
+    separator: str = "\n### Response:\n"
+    chat_template: bool = False
+    max_train_rows: int | None = Field(None, gt=0)
+    max_eval_rows: int | None = Field(None, gt=0)
+
+
+class ModelParams(_Section):
+    name: str = Field(description="hub id, local folder, .gguf file, or pkg:<distribution>/<path>")
+    trust_remote_code: bool = False
+
+
+class TokenizeParams(_Section):
+    max_length: int = Field(128, gt=0)
+    layout: Literal["pack", "pad"] = "pack"
+
+
+class LoraParams(_Section):
+    r: int = Field(8, gt=0)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["query", "value"], min_length=1)
+
+
+class QuantParams(_Section):
+    bits: Literal[4, 8, "none"] = "none"
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+class TrainParams(_Section):
+    seed: int = 42
+    epochs: float = Field(3, gt=0)
+    max_steps: int = Field(-1, ge=-1, description="-1: run all epochs")
+    batch_size: int = Field(32, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    learning_rate: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    group_by_length: bool = True
+    gradient_checkpointing: bool = False
+    logging_steps: int = Field(10, gt=0)
+    eval_strategy: Literal["epoch", "steps", "no"] = "epoch"
+    eval_steps: int = Field(100, gt=0)
+    save_steps: int = Field(100, gt=0)
+    num_processes: int = Field(1, gt=0)
+
+
+class EvaluateParams(_Section):
+    batch_size: int = Field(64, gt=0)
+    num_samples: int = Field(3, ge=0, description="generated samples written for causal tasks")
+    max_new_tokens: int = Field(40, gt=0)
+
+
+class MergeParams(_Section):
+    tolerance: float = Field(1e-4, gt=0)
+    probe_size: int = Field(8, gt=0)
+
+
+class Params(_Section):
+    task: Literal["seq_cls", "causal_lm", "sft"] = "seq_cls"
+    data: DataParams
+    model: ModelParams
+    tokenize: TokenizeParams = TokenizeParams()
+    lora: LoraParams = LoraParams()
+    quant: QuantParams = QuantParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    merge: MergeParams = MergeParams()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Params:
+        if self.quant.bits != "none" and self.train.mixed_precision == "fp16":
+            # bitsandbytes' k-bit layers with fp16 autocast overflow on long sequences.
+            raise ValueError("train.mixed_precision: fp16 with a quantized base; use bf16 or auto")
+        return self
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc)
+
+
+def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(prefix + name)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += _known_keys(ann, prefix + name + ".")
+    return keys
+
+
+def _describe(err: dict[str, Any], source: str) -> str:
+    path = _field_path(err["loc"])
+    if err["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(path, _known_keys(Params), n=1, cutoff=0.6)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"{source}: {path}: unknown key{hint}"
+    if err["type"] == "missing":
+        return f"{source}: {path}: required key is missing"
+    got = err.get("input")
+    shown = f" (got {got!r})" if not isinstance(got, dict | list) else ""
+    return f"{source}: {path}: {err['msg']}{shown}"
+
+
+def parse_params(raw: Any, source: str = "params.yaml") -> Params:
+    """Validate an already-loaded mapping; raise UserError with one line on the first problem."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        if first["type"] == "value_error" and not first["loc"]:
+            raise UserError(f"{source}: {first['msg'].removeprefix('Value error, ')}") from None
+        raise UserError(_describe(first, source)) from None
+
+
+def read_yaml(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"{path}:{where}: malformed YAML: {problem}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    return parse_params(read_yaml(path), str(path))
+
+
+def stage_params(params: Params, keys: list[str]) -> dict[str, Any]:
+    """The values of dotted keys, e.g. for fingerprinting exactly what a stage reads."""
+    dumped = params.model_dump()
+    out = {}
+    for key in keys:
+        value: Any = dumped
+        for part in key.split("."):
+            value = value[part]
+        out[key] = value
+    return out

@@ -1,0 +1,37 @@
+"""Evaluation sums over a whole data set, turned into metrics once at the end."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+
+def perplexity(nll_sum: float, tokens: int) -> float:
+    """exp(mean token NLL) over all target tokens: sums across batches, never a mean of means."""
+    if tokens <= 0:
+        raise ValueError("perplexity needs at least one target token")
+    return math.exp(nll_sum / tokens)
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: torch.nn.Module, dataset: Any, collator: Any, task: Any, batch_size: int
+) -> dict[str, Any]:
+    """Run `model` over `dataset` in its stored order (sorted by length: little padding)."""
+    # Hand-written rather than Trainer.evaluate: Trainer averages per-batch mean losses, which
+    # weighs tokens unequally; perplexity needs the token-level sum.
+    model.eval()
+    device = next(model.parameters()).device
+    dataset = dataset.remove_columns([c for c in ("length",) if c in dataset.column_names])
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collator, shuffle=False)
+    sums: dict[str, Any] = {}
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        logits = model(**inputs).logits
+        for key, value in task.score_batch(logits, batch).items():
+            sums[key] = sums[key] + value if key in sums else value
+    return task.summarize(sums)

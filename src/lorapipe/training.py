@@ -1,0 +1,250 @@
+"""The training path, top to bottom: data → model + LoRA → Trainer → adapter and checkpoint.
+
+Resumable by design: Trainer checkpoints go to a work folder named by a fingerprint of exactly
+what the train stage reads, which DVC does not delete before a rerun. A killed `dvc repro`
+resumes from the newest complete checkpoint there; other params never resume into it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from dvclive import Live
+from safetensors import safe_open
+from transformers import Trainer, TrainingArguments
+from transformers.integrations import DVCLiveCallback
+
+from lorapipe.config import Params, UserError, stage_params
+from lorapipe.io import atomic_dir, write_json
+from lorapipe.modeling import load_for_training, load_tokenizer
+from lorapipe.quant import compute_dtype, mixed_precision
+from lorapipe.tasks import get_task
+
+# Exactly the params the train stage reads: dvc.yaml lists the same keys.
+TRAIN_KEYS = [
+    "task",
+    "model.name",
+    "model.trust_remote_code",
+    "data.num_labels",
+    "tokenize.max_length",
+    "tokenize.layout",
+    "lora.r",
+    "lora.alpha",
+    "lora.dropout",
+    "lora.target_modules",
+    "quant.bits",
+    "quant.quant_type",
+    "quant.double_quant",
+    "quant.compute_dtype",
+    *(
+        f"train.{k}"
+        for k in (
+            "seed",
+            "epochs",
+            "max_steps",
+            "batch_size",
+            "grad_accum",
+            "learning_rate",
+            "weight_decay",
+            "warmup_ratio",
+            "max_grad_norm",
+            "mixed_precision",
+            "group_by_length",
+            "gradient_checkpointing",
+            "logging_steps",
+            "eval_strategy",
+            "eval_steps",
+            "save_steps",
+            "num_processes",
+        )
+    ),
+]
+CHECKPOINT_FILES = (
+    "trainer_state.json",
+    "optimizer.pt",
+    "scheduler.pt",
+    "adapter_model.safetensors",
+)
+
+
+class NonFiniteLoss(UserError):
+    pass
+
+
+class GuardedTrainer(Trainer):
+    """Stops on the first NaN/inf loss, before the optimizer step can spread it to the weights."""
+
+    def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> Any:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss).all():
+            raise NonFiniteLoss(
+                f"train: loss became {loss.item()} at step {self.state.global_step + 1}; the last "
+                f"good checkpoint is kept in {self.args.output_dir}; lower train.learning_rate or "
+                "train in fp32 (train.mixed_precision: no)"
+            )
+        return loss
+
+
+class StepAlignedDVCLive(DVCLiveCallback):
+    """transformers' DVCLive callback with DVCLive's step = the optimizer step.
+
+    The stock callback counts log calls, so after a resume the curves would restart at 0; here a
+    resumed run first replays the history saved in its checkpoint. It also skips copying
+    TrainingArguments into DVCLive's params (params.yaml is the record).
+    """
+
+    def setup(self, args: Any, state: Any, model: Any) -> None:
+        self._initialized = True
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.setup(args, state, None)
+        if state.is_world_process_zero:
+            for entry in state.log_history:
+                logs = {k: v for k, v in entry.items() if k != "step"}
+                self.live.step = entry["step"]
+                super().on_log(args, state, control, logs=logs)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            self.live.step = state.global_step
+            # Wall-clock figures differ run to run; they go to timing.json, not the metrics.
+            logs = {k: v for k, v in logs.items() if not k.endswith(("runtime", "per_second"))}
+        super().on_log(args, state, control, logs=logs, **kwargs)
+
+
+def fingerprint(p: Params, tokenized: Path) -> str:
+    meta = (tokenized / "meta.json").read_text(encoding="utf-8")
+    payload = json.dumps([stage_params(p, TRAIN_KEYS), meta], sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def checkpoint_ok(folder: Path) -> bool:
+    """A checkpoint is usable only if every file was written completely."""
+    try:
+        json.loads((folder / "trainer_state.json").read_text())
+        with safe_open(folder / "adapter_model.safetensors", "pt") as f:
+            list(f.keys())
+        return all((folder / name).stat().st_size > 0 for name in CHECKPOINT_FILES)
+    except Exception:  # any unreadable file, whatever the reader raises, means incomplete
+        return False
+
+
+def latest_checkpoint(work: Path) -> Path | None:
+    candidates = sorted(work.glob("checkpoint-*"), key=lambda d: int(d.name.split("-")[-1]))
+    for folder in reversed(candidates):
+        if checkpoint_ok(folder):
+            return folder
+        warnings.warn(f"skipping incomplete checkpoint {folder}", stacklevel=2)
+    return None
+
+
+def training_args(p: Params, output_dir: Path, has_eval: bool) -> TrainingArguments:
+    t, precision = p.train, mixed_precision(p)
+    eval_strategy = t.eval_strategy if has_eval else "no"
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        seed=t.seed,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=p.evaluate.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay,
+        lr_scheduler_type="linear",  # linear warmup, then linear decay to 0
+        warmup_steps=t.warmup_ratio,
+        max_grad_norm=t.max_grad_norm,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        logging_steps=t.logging_steps,
+        logging_nan_inf_filter=False,  # a NaN must show, not be averaged away
+        eval_strategy=eval_strategy,
+        eval_steps=t.eval_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=2,
+        report_to="none",  # the DVCLive callback is added explicitly, pointed at reports/
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+
+
+def train(
+    p: Params,
+    tokenized: Path,
+    adapter_out: Path,
+    checkpoint_out: Path,
+    report_dir: Path,
+    work_root: Path,
+) -> dict[str, Any]:
+    """Train LoRA on `tokenized`; write the adapter, the final checkpoint and DVCLive logs."""
+    task = get_task(p.task)
+    data = datasets.load_from_disk(str(tokenized))
+    tok = load_tokenizer(p)
+    work = work_root / fingerprint(p, tokenized)
+    resume = latest_checkpoint(work) if work.exists() else None
+
+    model = load_for_training(p)
+    args = training_args(p, work, has_eval="eval" in data)
+    world = args.world_size
+    effective_batch = p.train.batch_size * p.train.grad_accum * world
+    live = Live(dir=str(report_dir), dvcyaml=None, save_dvc_exp=False, report=None)
+    trainer = GuardedTrainer(
+        model=model,
+        args=args,
+        train_dataset=data["train"],
+        eval_dataset=data["eval"] if "eval" in data else None,
+        data_collator=task.collator(tok, p),
+        processing_class=tok,
+        compute_metrics=task.compute_metrics,
+        callbacks=[StepAlignedDVCLive(live=live)],
+    )
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    seconds = time.perf_counter() - start
+
+    trainable, total = model.get_nb_trainable_parameters()
+    summary = {
+        "effective_batch_size": effective_batch,
+        "per_device_batch_size": p.train.batch_size,
+        "grad_accum": p.train.grad_accum,
+        "devices": world,
+        "trainable_params": trainable,
+        "all_params": total,
+        "global_steps": result.global_step,
+        "train_loss": result.training_loss,
+        "mixed_precision": mixed_precision(p),
+        "compute_dtype": str(compute_dtype(p.quant)).removeprefix("torch."),
+    }
+    if trainer.is_world_process_zero():
+        live.summary.update({k: v for k, v in summary.items() if isinstance(v, int | float)})
+        live.make_summary()
+        with atomic_dir(adapter_out) as tmp:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+        # save_strategy="steps" makes Trainer save at the last step too: a resumable final state.
+        final = work / f"checkpoint-{result.global_step}"
+        with atomic_dir(checkpoint_out) as tmp:
+            shutil.copytree(final, tmp, dirs_exist_ok=True)
+        write_json(
+            report_dir / "timing.json",
+            {
+                "train_seconds": round(seconds, 2),
+                "resumed_from_step": int(resume.name.split("-")[-1]) if resume else 0,
+                "samples_per_second": round(len(data["train"]) * p.train.epochs / seconds, 2),
+            },
+        )
+        shutil.rmtree(work, ignore_errors=True)
+    if not math.isfinite(result.training_loss):
+        raise NonFiniteLoss("train: the mean training loss is not finite")
+    return summary

@@ -1,0 +1,24 @@
+"""train: data/tokenized → models/adapter (PEFT), models/checkpoint, reports/train (DVCLive)."""
+
+from pathlib import Path
+
+from lorapipe import stage
+from lorapipe.modeling import preflight
+from lorapipe.training import train
+
+
+def main(p):
+    preflight(p)  # shape-only checks (target modules, bitsandbytes) before any weight loads
+    summary = train(
+        p,
+        tokenized=Path("data/tokenized"),
+        adapter_out=Path("models/adapter"),
+        checkpoint_out=Path("models/checkpoint"),
+        report_dir=Path("reports/train"),
+        work_root=Path("models/.work"),
+    )
+    print(summary)
+
+
+if __name__ == "__main__":
+    stage.run(main)

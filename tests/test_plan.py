@@ -1,0 +1,178 @@
+"""Tests for the weight-free planner: exact PEFT counts from shipped configs, memory estimate."""
+
+import json
+import resource
+import time
+
+import huggingface_hub.constants
+import pytest
+
+from lorapipe import plan as P
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+BERT_SETUP = dict(task="seq_cls", r=8, alpha=16, target_modules=["query", "value"], num_labels=2)
+
+
+@pytest.fixture(scope="module")
+def bert_counts() -> dict:
+    return P.count_trainable(P.load_model_config("bert-base-uncased"), **BERT_SETUP)
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    config = P.load_model_config("Qwen/Qwen2.5-3B")
+    counts = P.count_trainable(
+        config, "causal_lm", 16, 32, ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+    return config, counts
+
+
+def test_shipped_configs_are_the_published_ones() -> None:
+    llama8 = P.load_model_config("meta-llama/Llama-3.1-8B-Instruct")
+    assert (llama8.hidden_size, llama8.num_hidden_layers, llama8.num_key_value_heads) == (
+        4096,
+        32,
+        8,
+    )
+    assert (llama8.intermediate_size, llama8.vocab_size) == (14336, 128256)
+    qwen = P.load_model_config("Qwen/Qwen2.5-3B")
+    assert qwen.tie_word_embeddings and qwen.num_key_value_heads == 2
+    bert = P.load_model_config("bert-base-uncased")
+    assert (bert.vocab_size, bert.max_position_embeddings) == (30522, 512)
+
+
+def test_bert_matches_peft_print(bert_counts: dict) -> None:
+    assert bert_counts["lora_params"] == 294_912
+    assert bert_counts["lora_per_module"] == {"query": 147_456, "value": 147_456}
+    # LoRA plus the trainable copy of the 2-label classifier (768 * 2 + 2 = 1,538).
+    assert bert_counts["trainable"] == 294_912 + 1_538 == 296_450
+    assert bert_counts["all"] == 109_780_228
+    assert bert_counts["base_params"] == 109_483_778
+    assert P.peft_line(bert_counts) == (
+        "trainable params: 296,450 || all params: 109,780,228 || trainable%: 0.2700"
+    )
+
+
+def test_tutorial_figures_are_not_reachable(bert_counts: dict) -> None:
+    # PEFT's "all" always includes the injected LoRA weights, so it exceeds the bare base.
+    assert bert_counts["all"] > bert_counts["base_params"] == 109_483_778
+    # Every LoRA pair / bias on BERT's encoder is a multiple of 768; 590,848 is not, with or
+    # without the 1,538-parameter head.
+    assert 590_848 % 768 and (590_848 - 1_538) % 768
+    assert len(P.TUTORIAL_MISMATCH.splitlines()) == 2
+
+
+def test_llama_70b_on_meta_is_fast_and_exact() -> None:
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    counts = P.count_trainable(
+        P.load_model_config("meta-llama/Llama-3.1-70B"),
+        "causal_lm",
+        r=4,
+        alpha=8,
+        target_modules=["q_proj", "k_proj", "v_proj"],
+    )
+    assert time.perf_counter() - start < 15
+    # ru_maxrss is KiB on Linux; 140 GB of bf16 weights would be far beyond 2 GiB.
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 2 * 2**20
+    assert counts["base_params"] == 70_553_706_496
+    assert counts["lora_params"] == 11_141_120 == 139_264 * 80
+    # q: 4*(8192+8192), k and v: 4*(8192+1024) each, per layer, summed over 80 layers.
+    assert counts["lora_per_module"] == {
+        "q_proj": 65_536 * 80,
+        "k_proj": 36_864 * 80,
+        "v_proj": 36_864 * 80,
+    }
+    assert counts["trainable"] == counts["lora_params"]
+    assert counts["all"] == 70_553_706_496 + 11_141_120
+    ratio = counts["base_params"] / counts["lora_params"]
+    assert ratio == pytest.approx(6_332.73, abs=0.01)
+    # The often-quoted ~6,337x comes from the rounded 70.6e9 / 11.14e6.
+    assert ratio == pytest.approx(6_337, rel=1e-3)
+
+
+def test_qwen_4bit_memory(qwen) -> None:
+    config, counts = qwen
+    args = dict(bits=4, batch_size=4, seq_len=2048)
+    with_gc = P.estimate_memory(config, counts, gradient_checkpointing=True, **args)
+    without_gc = P.estimate_memory(config, counts, gradient_checkpointing=False, **args)
+    assert with_gc["activations"] < without_gc["activations"]
+    assert with_gc["total"] < without_gc["total"]
+    assert with_gc["total"] == sum(v for k, v in with_gc.items() if k != "total")
+    bf16 = P.estimate_memory(config, counts, None, 4, 2048, True)
+    frozen = counts["all"] - counts["trainable"]
+    assert bf16["weights"] == 2 * frozen
+    # The quantized linear layers cost 0.5 byte + ~0.127 bit of absmax per weight (double
+    # quantization): 0.2580x their bf16 size, a little over a quarter.
+    quantized = counts["quantizable_params"]
+    kept_bf16 = (frozen - quantized) * 2
+    assert (with_gc["weights"] - kept_bf16) / (quantized * 2) == pytest.approx(0.2580, abs=1e-4)
+    # Without double quantization absmax is a full fp32 per 64 weights: 0.5625 byte per weight.
+    plain = P.estimate_memory(
+        config, counts, double_quant=False, gradient_checkpointing=True, **args
+    )
+    assert plain["weights"] - kept_bf16 == int(quantized * 0.5625)
+    # The tied 151,936 x 2,048 embedding stays bf16, so the whole model is a third of its bf16
+    # size; the rest shrinks ~3.9x.
+    embed_bytes = config.vocab_size * config.hidden_size * 2
+    assert with_gc["weights"] - embed_bytes < (bf16["weights"] - embed_bytes) / 3.8
+    assert with_gc["weights"] < bf16["weights"] / 2.9
+    # Adapters, gradients and AdamW states are fp32: 4 + 4 + 8 bytes per trainable parameter.
+    assert (
+        with_gc["adapters"] + with_gc["gradients"] + with_gc["optimizer"]
+        == 16 * counts["trainable"]
+    )
+
+
+def test_qwen_tied_head_is_not_quantized(qwen) -> None:
+    config, counts = qwen
+    embed = config.vocab_size * config.hidden_size
+    # Tied lm_head / embed_tokens is counted once and stays in compute dtype.
+    assert counts["base_params"] == 3_085_938_688
+    assert counts["base_params"] - counts["quantizable_params"] > embed
+
+
+def test_format_plan_report(bert_counts: dict) -> None:
+    config = P.load_model_config("bert-base-uncased")
+    mems = [P.estimate_memory(config, bert_counts, None, 8, 128, gc) for gc in (False, True)]
+    report = P.format_plan("bert-base-uncased", bert_counts, *mems, device_gb=12)
+    assert "trainable params: 296,450 || all params: 109,780,228 || trainable%: 0.2700" in report
+    assert "query: 147,456" in report
+    for gb in ("12 GB", "24 GB", "40 GB", "80 GB"):
+        assert f"{gb}: yes without / yes with" in report
+
+
+def test_plan_end_to_end_for_70b_in_4bit() -> None:
+    report = P.plan(
+        "meta-llama/Llama-3.1-70B", "causal_lm", 4, 8, ["q_proj", "k_proj", "v_proj"], 2, 4, 1, 512
+    )
+    assert "trainable params: 11,141,120 || all params: 70,564,847,616" in report
+    assert "24 GB: no without / no with" in report
+
+
+def test_local_folder_config(tmp_path) -> None:
+    shipped = P.MODEL_CONFIGS_DIR / "bert-base-uncased.json"
+    data = json.loads(shipped.read_text()) | {"num_hidden_layers": 2}
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    assert P.load_model_config(str(tmp_path)).num_hidden_layers == 2
+
+
+def test_unknown_hub_id_offline_is_one_line_error(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads the variable at import time, so patch the parsed constant too.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(ValueError) as info:
+        P.load_model_config("no-such-org/no-such-model")
+    message = str(info.value)
+    assert "\n" not in message
+    assert "no-such-org/no-such-model" in message and "unreachable" in message
+
+
+def test_rejects_bad_arguments(bert_counts: dict) -> None:
+    config = P.load_model_config("bert-base-uncased")
+    with pytest.raises(ValueError):
+        P.build_meta_model(config, "translation")
+    with pytest.raises(ValueError):
+        P.estimate_memory(config, bert_counts, 3, 1, 8, False)
