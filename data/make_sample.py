@@ -1,6 +1,6 @@
 """Draw the embedded SST-2 sample from the full GLUE files (run once; the output is committed).
 
-python data/make_sample.py ../shared/data/sst2 data/sst2
+python data/make_sample.py ../shared/data/sst2 data/raw/sst2
 """
 
 import csv

@@ -7,9 +7,9 @@ from typing import Any
 
 import datasets
 
-from lorapipe.config import Params, UserError, stage_params
+from lorapipe.config import Params, stage_params
 from lorapipe.io import atomic_dir, write_json
-from lorapipe.modeling import load_config, load_tokenizer
+from lorapipe.modeling import check_max_length, load_config, load_tokenizer
 from lorapipe.sources import load_rows
 from lorapipe.tasks import get_task
 
@@ -55,12 +55,7 @@ def _head(rows: datasets.Dataset, limit: int | None) -> datasets.Dataset:
 
 def tokenize(p: Params, out: Path) -> dict[str, Any]:
     """Tokenize train and eval into `out` (a DatasetDict) with a meta.json of what made it."""
-    config = load_config(p)
-    limit = getattr(config, "max_position_embeddings", None)
-    if limit and p.tokenize.max_length > limit:
-        raise UserError(
-            f"tokenize.max_length: {p.tokenize.max_length} exceeds the model's position limit {limit}"
-        )
+    check_max_length(p, load_config(p))
     task, tok = get_task(p.task), load_tokenizer(p)
     train_rows, eval_rows = _split(p)
     train = task.tokenize(_head(train_rows, p.data.max_train_rows), tok, p, "data.train")

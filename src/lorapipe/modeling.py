@@ -30,14 +30,19 @@ def load_tokenizer(p: Params) -> PreTrainedTokenizerBase:
     return tok
 
 
-def preflight(p: Params) -> PretrainedConfig:
-    """Checks that need the model's shape but not its weights: seconds, before heavy work."""
-    config = load_config(p)
+def check_max_length(p: Params, config: PretrainedConfig) -> None:
     limit = getattr(config, "max_position_embeddings", None)
     if limit and p.tokenize.max_length > limit:
         raise UserError(
-            f"tokenize.max_length: {p.tokenize.max_length} exceeds the model's position limit {limit}"
+            f"tokenize.max_length: {p.tokenize.max_length} exceeds the model's position limit "
+            f"{limit}"
         )
+
+
+def preflight(p: Params) -> PretrainedConfig:
+    """Checks that need the model's shape but not its weights: seconds, before heavy work."""
+    config = load_config(p)
+    check_max_length(p, config)
     try:
         meta = plan.build_meta_model(config, p.task, p.data.num_labels)
     except ValueError as exc:

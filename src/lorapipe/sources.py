@@ -2,8 +2,9 @@
 
 Model sources: a hub id (`bert-base-uncased`), a local folder, a `.gguf` file, or a file or
 folder an installed package ships (`pkg:<distribution>/<path>`).
-Data sources: a local file (.tsv, .csv, .jsonl, .json, .txt), `pydoc:topics` (Python's own
-Language Reference), or a hub data set `hf:<id>[:<config>]:<split>` (e.g. `hf:glue:sst2:train`).
+Data sources: a local file (.tsv, .csv, .jsonl, .json, .txt), Python's own Language Reference
+(`pydoc:topics` as text, `pydoc:qa` as question → answer pairs), or a hub data set
+`hf:<id>[:<config>]:<split>` (e.g. `hf:glue:sst2:train`).
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ def hub_reachable() -> bool:
 
 def _offline_error(field: str, kind: str, repo_id: str, hint: str) -> UserError:
     return UserError(
-        f"{field}: '{repo_id}' is a hub {kind} id, the hub is unreachable (offline) and it is not in "
-        f"the local cache; {hint}"
+        f"{field}: '{repo_id}' is a hub {kind} id, the hub is unreachable (offline) and it is "
+        f"not in the local cache; {hint}"
     )
 
 
@@ -119,19 +120,33 @@ def _read_text_file(path: Path, field: str) -> str:
         raise UserError(f"{field}: {path}: not UTF-8 text (byte {exc.start})") from None
 
 
-def _pydoc_topics() -> list[str]:
+def _pydoc_paragraphs() -> dict[str, list[str]]:
     from pydoc_data.topics import topics
 
-    paragraphs = []
-    for key in sorted(topics):
-        paragraphs += [p.strip() for p in topics[key].split("\n\n") if p.strip()]
-    return paragraphs
+    return {
+        key: [p.strip() for p in topics[key].split("\n\n") if p.strip()] for key in sorted(topics)
+    }
+
+
+def _pydoc_source(name: str) -> datasets.Dataset:
+    """pydoc:topics: the reference's paragraphs as `text`; pydoc:qa: topic question → answer."""
+    paragraphs = _pydoc_paragraphs()
+    if name == "topics":
+        return datasets.Dataset.from_dict({"text": [p for ps in paragraphs.values() for p in ps]})
+    qa = {"input": [], "output": []}
+    for ps in paragraphs.values():
+        answer = next((p for p in ps[1:] if len(p) > 80), None)  # ps[0] is the title
+        if answer:
+            title = ps[0].splitlines()[0]
+            qa["input"].append(f"What does the Python Language Reference say about {title}?")
+            qa["output"].append(answer[:600])
+    return datasets.Dataset.from_dict(qa)
 
 
 def load_rows(source: str, field: str) -> datasets.Dataset:
-    """Rows of a data source as a `datasets.Dataset` (columns as in the source; text files: `text`)."""
-    if source == "pydoc:topics":
-        return datasets.Dataset.from_dict({"text": _pydoc_topics()})
+    """Rows of a data source as a Dataset (columns as in the source; text files: `text`)."""
+    if source in ("pydoc:topics", "pydoc:qa"):
+        return _pydoc_source(source.removeprefix("pydoc:"))
     if source.startswith("hf:"):
         parts = source[3:].split(":")
         if len(parts) not in (2, 3):

@@ -132,10 +132,10 @@ class CausalLM:
         size = p.tokenize.max_length
         ids = tok(texts, add_special_tokens=False)["input_ids"]
         if p.tokenize.layout == "pad":
-            rows_ids = [x[: size - 1] + [tok.eos_token_id] for x in ids]
+            rows_ids = [[*x[: size - 1], tok.eos_token_id] for x in ids]
         else:
             # Pack: documents joined by EOS and cut into full blocks, so no batch carries padding.
-            stream = list(itertools.chain.from_iterable(x + [tok.eos_token_id] for x in ids))
+            stream = list(itertools.chain.from_iterable([*x, tok.eos_token_id] for x in ids))
             rows_ids = [stream[i : i + size] for i in range(0, len(stream) - size + 1, size)]
             if not rows_ids:
                 raise UserError(f"{where}: fewer than tokenize.max_length={size} tokens in all")

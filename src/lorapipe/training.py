@@ -23,6 +23,7 @@ from safetensors import safe_open
 from transformers import Trainer, TrainingArguments
 from transformers.integrations import DVCLiveCallback
 
+from lorapipe.card import model_card
 from lorapipe.config import Params, UserError, stage_params
 from lorapipe.io import atomic_dir, write_json
 from lorapipe.modeling import load_for_training, load_tokenizer
@@ -203,7 +204,7 @@ def train(
         model=model,
         args=args,
         train_dataset=data["train"],
-        eval_dataset=data["eval"] if "eval" in data else None,
+        eval_dataset=data.get("eval"),
         data_collator=task.collator(tok, p),
         processing_class=tok,
         compute_metrics=task.compute_metrics,
@@ -229,9 +230,15 @@ def train(
     if trainer.is_world_process_zero():
         live.summary.update({k: v for k, v in summary.items() if isinstance(v, int | float)})
         live.make_summary()
+        trained_with = stage_params(p, [*TRAIN_KEYS, "data.train", "data.eval"])
+        auto = task.auto_model.__name__.replace("AutoModel", "AutoPeftModel")
+        usage = f"from peft import {auto}\nmodel = {auto}.from_pretrained('{adapter_out}')"
         with atomic_dir(adapter_out) as tmp:
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
+            write_json(tmp / "lorapipe_params.json", trained_with)
+            card = model_card("LoRA adapter", trained_with, summary, usage)
+            (tmp / "README.md").write_text(card, encoding="utf-8")
         # save_strategy="steps" makes Trainer save at the last step too: a resumable final state.
         final = work / f"checkpoint-{result.global_step}"
         with atomic_dir(checkpoint_out) as tmp:

@@ -1,0 +1,14 @@
+"""plot: reports/train (DVCLive logs) → reports/figures/*.png."""
+
+from pathlib import Path
+
+from lorapipe import stage
+from lorapipe.plots import plot_training
+
+
+def main(p):
+    print(plot_training(Path("reports/train/plots/metrics"), Path("reports/figures")))
+
+
+if __name__ == "__main__":
+    stage.run(main)
