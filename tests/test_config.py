@@ -79,3 +79,26 @@ def test_fp16_with_quantized_base_is_refused():
     raw["train"]["mixed_precision"] = "fp16"
     with pytest.raises(UserError, match=r"train\.mixed_precision"):
         parse_params(raw)
+
+
+def test_dvc_yaml_lists_exactly_the_keys_each_stage_reads():
+    from lorapipe.data import TOKENIZE_KEYS
+    from lorapipe.evaluation import EVAL_KEYS
+    from lorapipe.merge import MERGE_KEYS
+    from lorapipe.training import TRAIN_KEYS
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    expected = {
+        "tokenize": TOKENIZE_KEYS,
+        "train": TRAIN_KEYS,
+        "evaluate": EVAL_KEYS,
+        "merge": MERGE_KEYS,
+    }
+    for name, keys in expected.items():
+        assert stages[name]["params"] == keys, name
+    shipped = load_params(ROOT / "params.yaml").model_dump()
+    for keys in expected.values():
+        for key in keys:
+            node = shipped
+            for part in key.split("."):
+                node = node[part]  # every listed key exists in params.yaml

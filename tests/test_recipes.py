@@ -31,15 +31,23 @@ def recipe_config(name: str):
 
 
 def shrink(config, vocab_size: int):
-    config.num_hidden_layers = 2
-    config.hidden_size, config.intermediate_size, config.num_attention_heads = 64, 128, 4
-    if hasattr(config, "num_key_value_heads"):
-        config.num_key_value_heads = 2
-    if getattr(config, "head_dim", None):
-        config.head_dim = 16
-    config.vocab_size = vocab_size
-    config.max_position_embeddings = 512
-    return config
+    raw = config.to_dict()
+    raw.update(
+        num_hidden_layers=2,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        vocab_size=vocab_size,
+        max_position_embeddings=512,
+    )
+    raw.pop("quantization_config", None)
+    if "num_key_value_heads" in raw:
+        raw["num_key_value_heads"] = 2
+    if raw.get("head_dim"):
+        raw["head_dim"] = 16
+    if raw.get("layer_types"):
+        raw["layer_types"] = raw["layer_types"][:2]
+    return type(config)(**raw)
 
 
 def tiny_data(task: str, folder, rows: int = 12):

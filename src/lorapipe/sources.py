@@ -98,14 +98,18 @@ def convert_gguf(file: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     stat = file.stat()
-    key = hashlib.sha1(f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+    identity = f"v2:{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"  # v2: no GgufConfig
+    key = hashlib.sha1(identity.encode()).hexdigest()
     out = CACHE_ROOT / "gguf" / f"{file.stem}-{key[:12]}"
     if (out / "config.json").is_file():
         return out
     kwargs = {"gguf_file": file.name}
     tokenizer = AutoTokenizer.from_pretrained(file.parent, **kwargs)
     loaded = AutoModelForCausalLM.from_pretrained(file.parent, dtype=torch.float32, **kwargs)
-    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    config = loaded.config
+    # The weights are de-quantized: a kept GgufConfig would refuse a later BitsAndBytesConfig.
+    config.__dict__.pop("quantization_config", None)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)

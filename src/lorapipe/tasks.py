@@ -48,7 +48,6 @@ class SeqCls:
     auto_model: ClassVar[type] = AutoModelForSequenceClassification
     peft_task_type: ClassVar[TaskType] = TaskType.SEQ_CLS
     metric: ClassVar[str] = "accuracy"
-    greater_is_better: ClassVar[bool] = True
 
     def model_kwargs(self, data: DataParams) -> dict[str, Any]:
         return {"num_labels": data.num_labels}
@@ -114,7 +113,7 @@ class CausalLM:
     auto_model: ClassVar[type] = AutoModelForCausalLM
     peft_task_type: ClassVar[TaskType] = TaskType.CAUSAL_LM
     metric: ClassVar[str] = "perplexity"
-    greater_is_better: ClassVar[bool] = False
+    compute_metrics: ClassVar[None] = None  # eval loss only: logits over a vocab are too big
 
     def model_kwargs(self, data: DataParams) -> dict[str, Any]:
         return {}
@@ -147,9 +146,6 @@ class CausalLM:
         return DataCollatorForSeq2Seq(
             tok, padding=padding, max_length=p.tokenize.max_length, label_pad_token_id=IGNORE
         )
-
-    def compute_metrics(self, pred: Any) -> None:
-        return None
 
     def score_batch(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         # Shift so that position t predicts token t+1, as the model's own loss does.

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import shutil
 import time
 import warnings
@@ -20,7 +19,7 @@ import datasets
 import torch
 from dvclive import Live
 from safetensors import safe_open
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments, set_seed
 from transformers.integrations import DVCLiveCallback
 
 from lorapipe.card import model_card
@@ -117,8 +116,13 @@ class StepAlignedDVCLive(DVCLiveCallback):
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
         if state.is_world_process_zero:
             self.live.step = state.global_step
-            # Wall-clock figures differ run to run; they go to timing.json, not the metrics.
-            logs = {k: v for k, v in logs.items() if not k.endswith(("runtime", "per_second"))}
+            # Wall-clock figures differ run to run (they go to timing.json), and Trainer's
+            # run-mean train_loss covers only the steps since a resume: the per-step curve stays.
+            logs = {
+                k: v
+                for k, v in logs.items()
+                if not k.endswith(("runtime", "per_second")) and k != "train_loss"
+            }
         super().on_log(args, state, control, logs=logs, **kwargs)
 
 
@@ -176,6 +180,7 @@ def training_args(p: Params, output_dir: Path, has_eval: bool) -> TrainingArgume
         save_total_limit=2,
         report_to="none",  # the DVCLive callback is added explicitly, pointed at reports/
         disable_tqdm=True,
+        prediction_loss_only=get_task(p.task).compute_metrics is None,
         dataloader_num_workers=0,
     )
 
@@ -195,6 +200,7 @@ def train(
     work = work_root / fingerprint(p, tokenized)
     resume = latest_checkpoint(work) if work.exists() else None
 
+    set_seed(p.train.seed)  # before the model: LoRA's A and a new head are drawn at creation
     model = load_for_training(p)
     args = training_args(p, work, has_eval="eval" in data)
     world = args.world_size
@@ -223,7 +229,6 @@ def train(
         "trainable_params": trainable,
         "all_params": total,
         "global_steps": result.global_step,
-        "train_loss": result.training_loss,
         "mixed_precision": mixed_precision(p),
         "compute_dtype": str(compute_dtype(p.quant)).removeprefix("torch."),
     }
@@ -243,15 +248,15 @@ def train(
         final = work / f"checkpoint-{result.global_step}"
         with atomic_dir(checkpoint_out) as tmp:
             shutil.copytree(final, tmp, dirs_exist_ok=True)
+        resumed_from = int(resume.name.split("-")[-1]) if resume else 0
+        steps_run = result.global_step - resumed_from
         write_json(
             report_dir / "timing.json",
             {
                 "train_seconds": round(seconds, 2),
-                "resumed_from_step": int(resume.name.split("-")[-1]) if resume else 0,
-                "samples_per_second": round(len(data["train"]) * p.train.epochs / seconds, 2),
+                "resumed_from_step": resumed_from,
+                "samples_per_second": round(steps_run * effective_batch / seconds, 2),
             },
         )
         shutil.rmtree(work, ignore_errors=True)
-    if not math.isfinite(result.training_loss):
-        raise NonFiniteLoss("train: the mean training loss is not finite")
     return summary
