@@ -3,12 +3,15 @@
 from pathlib import Path
 
 from lorapipe import stage
+from lorapipe.launch import relaunch
 from lorapipe.modeling import preflight
 from lorapipe.training import train
 
 
 def main(p):
     preflight(p)  # shape-only checks (target modules, bitsandbytes) before any weight loads
+    if relaunch(p, __file__):  # train.num_processes > 1: this script ran again on every rank
+        return
     summary = train(
         p,
         tokenized=Path("data/tokenized"),

@@ -1,4 +1,4 @@
-"""User commands: check, plan, recipe, predict, generate."""
+"""User commands: check, plan, recipe, predict, generate, compare."""
 
 from __future__ import annotations
 
@@ -62,6 +62,17 @@ def cmd_recipe(args: argparse.Namespace) -> None:
     else:
         apply_recipe(args.name, Path(args.params), force=args.force)
         print(f"params.yaml now holds recipe '{args.name}'; run `dvc repro` or `dvc exp run`")
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from lorapipe import compare
+
+    repo = Path(".")
+    rows = compare.experiments(repo)
+    metrics = [args.metric, "eval:tuned.loss", "timing:train_seconds"]
+    print(compare.table(rows, args.params_shown, metrics).to_string(index=False))
+    compare.plot(repo, rows, args.params_shown[0], args.metric, Path(args.out))
+    print(f"wrote {args.out}")
 
 
 def _read_inputs(source: str) -> list[str]:
@@ -149,6 +160,17 @@ def parser() -> argparse.ArgumentParser:
     rec.add_argument("action", choices=["list", "show", "apply"])
     rec.add_argument("name", nargs="?")
     rec.add_argument("--force", action="store_true", help="overwrite uncommitted params edits")
+    cmp = sub.add_parser("compare", help="dvc exp show → a table and a PNG")
+    cmp.set_defaults(fn=cmd_compare)
+    cmp.add_argument(
+        "--params",
+        dest="params_shown",
+        nargs="+",
+        default=["lora.r", "lora.alpha"],
+        help="params columns; the first is the PNG's x axis",
+    )
+    cmp.add_argument("--metric", default="eval:accuracy", help="<metrics file stem>:<key>")
+    cmp.add_argument("--out", default="reports/compare.png")
     for name, fn, text in (
         ("predict", cmd_predict, "label + probability per input line"),
         ("generate", cmd_generate, "greedy completion per input line"),

@@ -74,13 +74,14 @@ class TrainParams(_Section):
     warmup_ratio: float = Field(0.06, ge=0, lt=1)
     max_grad_norm: float = Field(1.0, gt=0)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
-    group_by_length: bool = True
+    sampling: Literal["group_by_length", "random", "sequential"] = "group_by_length"
     gradient_checkpointing: bool = False
     logging_steps: int = Field(10, gt=0)
     eval_strategy: Literal["epoch", "steps", "no"] = "epoch"
     eval_steps: int = Field(100, gt=0)
     save_steps: int = Field(100, gt=0)
-    num_processes: int = Field(1, gt=0)
+    num_processes: int = Field(1, gt=0, description="devices; >1 runs under accelerate launch")
+    distributed: Literal["ddp", "fsdp", "deepspeed", "multinode-ddp"] = "ddp"
 
 
 class EvaluateParams(_Section):

@@ -48,6 +48,7 @@ class SeqCls:
     auto_model: ClassVar[type] = AutoModelForSequenceClassification
     peft_task_type: ClassVar[TaskType] = TaskType.SEQ_CLS
     metric: ClassVar[str] = "accuracy"
+    token_weighted_loss: ClassVar[bool] = False
 
     def model_kwargs(self, data: DataParams) -> dict[str, Any]:
         return {"num_labels": data.num_labels}
@@ -113,6 +114,7 @@ class CausalLM:
     auto_model: ClassVar[type] = AutoModelForCausalLM
     peft_task_type: ClassVar[TaskType] = TaskType.CAUSAL_LM
     metric: ClassVar[str] = "perplexity"
+    token_weighted_loss: ClassVar[bool] = True
     compute_metrics: ClassVar[None] = None  # eval loss only: logits over a vocab are too big
 
     def model_kwargs(self, data: DataParams) -> dict[str, Any]:

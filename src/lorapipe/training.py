@@ -7,8 +7,10 @@ resumes from the newest complete checkpoint there; other params never resume int
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import shutil
 import time
 import warnings
@@ -28,6 +30,8 @@ from lorapipe.io import atomic_dir, write_json
 from lorapipe.modeling import load_for_training, load_tokenizer
 from lorapipe.quant import compute_dtype, mixed_precision
 from lorapipe.tasks import get_task
+
+log = logging.getLogger(__name__)
 
 # Exactly the params the train stage reads: dvc.yaml lists the same keys.
 TRAIN_KEYS = [
@@ -58,13 +62,14 @@ TRAIN_KEYS = [
             "warmup_ratio",
             "max_grad_norm",
             "mixed_precision",
-            "group_by_length",
+            "sampling",
             "gradient_checkpointing",
             "logging_steps",
             "eval_strategy",
             "eval_steps",
             "save_steps",
             "num_processes",
+            "distributed",
         )
     ),
 ]
@@ -170,7 +175,7 @@ def training_args(p: Params, output_dir: Path, has_eval: bool) -> TrainingArgume
         max_grad_norm=t.max_grad_norm,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        train_sampling_strategy=t.sampling,
         logging_steps=t.logging_steps,
         logging_nan_inf_filter=False,  # a NaN must show, not be averaged away
         eval_strategy=eval_strategy,
@@ -182,6 +187,11 @@ def training_args(p: Params, output_dir: Path, has_eval: bool) -> TrainingArgume
         disable_tqdm=True,
         prediction_loss_only=get_task(p.task).compute_metrics is None,
         dataloader_num_workers=0,
+        # Without use_cpu, ranks on a CPU-only machine train unwrapped: no DDP, no gradient sync.
+        use_cpu=not torch.cuda.is_available(),
+        # Token-weighting across ranks scales the loss by the world size for the model to divide
+        # back; classifiers' losses are per-example means that never do (2x gradients on 2 ranks).
+        average_tokens_across_devices=get_task(p.task).token_weighted_loss,
     )
 
 
@@ -205,7 +215,19 @@ def train(
     args = training_args(p, work, has_eval="eval" in data)
     world = args.world_size
     effective_batch = p.train.batch_size * p.train.grad_accum * world
-    live = Live(dir=str(report_dir), dvcyaml=None, save_dvc_exp=False, report=None)
+    # Only rank 0 logs: a Live on another rank would clear and rewrite the same folder.
+    main_rank = args.process_index == 0
+    log.info(
+        "rank %d/%d: %d train rows, effective batch %d (B %d × K %d × D %d)",
+        args.process_index,
+        world,
+        len(data["train"]),
+        effective_batch,
+        p.train.batch_size,
+        p.train.grad_accum,
+        world,
+    )
+    live = Live(dir=str(report_dir), dvcyaml=None, save_dvc_exp=False) if main_rank else None
     trainer = GuardedTrainer(
         model=model,
         args=args,
@@ -219,6 +241,7 @@ def train(
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - start
+    trainer.accelerator.wait_for_everyone()  # no rank may still write to `work` when it goes
 
     trainable, total = model.get_nb_trainable_parameters()
     summary = {
@@ -259,4 +282,6 @@ def train(
             },
         )
         shutil.rmtree(work, ignore_errors=True)
+        with contextlib.suppress(OSError):  # other runs' resumable work stays
+            work_root.rmdir()
     return summary

@@ -1,0 +1,106 @@
+"""`dvc exp show --json` → one table (params, metrics, train time) and one PNG."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import pandas as pd
+
+LOSS_TSV = "reports/train/plots/metrics/loss.tsv"
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flatten(value, f"{prefix}.{key}" if prefix else key))
+    return out
+
+
+def _row(entry: dict[str, Any], name: str) -> dict[str, Any]:
+    data = entry.get("data") or {}
+    params = _flatten((data.get("params") or {}).get("params.yaml", {}).get("data", {}))
+    metrics: dict[str, Any] = {}
+    for path, content in (data.get("metrics") or {}).items():
+        flat = _flatten(content.get("data", {}))
+        metrics.update({f"{Path(path).stem}:{k}": v for k, v in flat.items()})
+    return {"name": name, "rev": entry["rev"], "params": params, "metrics": metrics}
+
+
+def parse_exp_show(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Baselines and their experiments, in `dvc exp show` order (workspace first)."""
+    rows = []
+    for baseline in records:
+        rev = baseline["rev"]
+        rows.append(
+            _row(baseline, baseline.get("name") or (rev if rev == "workspace" else rev[:7]))
+        )
+        for exp in baseline.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                rows.append(_row(rev, exp.get("name") or rev.get("name") or rev["rev"][:7]))
+    return rows
+
+
+def experiments(repo: Path) -> list[dict[str, Any]]:
+    proc = subprocess.run(
+        ["dvc", "exp", "show", "--json"], cwd=repo, capture_output=True, text=True, check=True
+    )
+    return parse_exp_show(json.loads(proc.stdout))
+
+
+def table(rows: list[dict[str, Any]], params: list[str], metrics: list[str]) -> pd.DataFrame:
+    return pd.DataFrame(
+        [
+            {
+                "experiment": r["name"],
+                **{p: r["params"].get(p) for p in params},
+                **{m: r["metrics"].get(m) for m in metrics},
+            }
+            for r in rows
+        ]
+    )
+
+
+def loss_curve(repo: Path, rev: str) -> pd.DataFrame | None:
+    """The step loss curve as committed in `rev` (the workspace for 'workspace')."""
+    if rev == "workspace":
+        path = repo / LOSS_TSV
+        return pd.read_csv(path, sep="\t") if path.is_file() else None
+    proc = subprocess.run(
+        ["git", "show", f"{rev}:{LOSS_TSV}"], cwd=repo, capture_output=True, text=True
+    )
+    return pd.read_csv(io.StringIO(proc.stdout), sep="\t") if proc.returncode == 0 else None
+
+
+def plot(repo: Path, rows: list[dict[str, Any]], param: str, metric: str, out: Path) -> None:
+    frame = table(rows, [param], [metric]).dropna()
+    fig, (ax_metric, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    ax_metric.scatter(frame[param], frame[metric])
+    for _, r in frame.iterrows():
+        ax_metric.annotate(r["experiment"], (r[param], r[metric]), fontsize=8)
+    ax_metric.set_xlabel(param)
+    ax_metric.set_ylabel(metric)
+    for r in rows:
+        curve = loss_curve(repo, r["rev"])
+        if curve is not None:
+            ax_loss.plot(
+                curve["step"],
+                curve["loss"],
+                label=f"{r['name']} ({param}={r['params'].get(param)})",
+            )
+    ax_loss.set_xlabel("optimizer step")
+    ax_loss.set_ylabel("train loss")
+    ax_loss.legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
