@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install repro test bench
+.PHONY: install repro test test-fast bench
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -25,6 +25,10 @@ test: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q
+
+# The same without the tests marked slow (a killed run, real 4-bit SmolLM2, two ranks).
+test-fast: install
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q -m "not slow"
 
 bench: install
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/run.py
