@@ -1,4 +1,4 @@
-"""User commands: check, plan, recipe, predict, generate, compare."""
+"""User commands: check, plan, recipe, predict, generate, compare, push."""
 
 from __future__ import annotations
 
@@ -73,6 +73,12 @@ def cmd_compare(args: argparse.Namespace) -> None:
     print(compare.table(rows, args.params_shown, metrics).to_string(index=False))
     compare.plot(repo, rows, args.params_shown[0], args.metric, Path(args.out))
     print(f"wrote {args.out}")
+
+
+def cmd_push(args: argparse.Namespace) -> None:
+    from lorapipe.hub import push
+
+    print(json.dumps(push(load_params(args.params)), indent=2))
 
 
 def _read_inputs(source: str) -> list[str]:
@@ -156,6 +162,7 @@ def parser() -> argparse.ArgumentParser:
         cmd.add_argument("--recipe", help="a recipe name instead of --params")
         if name == "plan":
             cmd.add_argument("--device-gb", type=float, help="also compare with this device")
+    add("push", cmd_push, "upload models/adapter or models/merged to the hub (params: hub)")
     rec = add("recipe", cmd_recipe, "list, show or apply the recipes in recipes/")
     rec.add_argument("action", choices=["list", "show", "apply"])
     rec.add_argument("name", nargs="?")

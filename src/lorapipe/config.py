@@ -95,6 +95,14 @@ class MergeParams(_Section):
     probe_size: int = Field(8, gt=0)
 
 
+class HubParams(_Section):
+    push: bool = Field(False, description="opt in to `lorapipe push`")
+    repo_id: str | None = None
+    private: bool = True
+    folder: Literal["adapter", "merged"] = "adapter"
+    dry_run: bool = Field(True, description="list what would be uploaded; no network")
+
+
 class Params(_Section):
     task: Literal["seq_cls", "causal_lm", "sft"] = "seq_cls"
     data: DataParams
@@ -105,6 +113,7 @@ class Params(_Section):
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
     merge: MergeParams = MergeParams()
+    hub: HubParams = HubParams()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Params:
