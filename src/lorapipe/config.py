@@ -13,6 +13,18 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+# What every stage that loads the model reads: which model, for what task, on which tokens,
+# quantized how. The stages' *_KEYS lists (and dvc.yaml's params) start from these.
+MODEL_KEYS = [
+    "task",
+    "model.name",
+    "model.trust_remote_code",
+    "data.num_labels",
+    "tokenize.max_length",
+    "tokenize.layout",
+]
+QUANT_KEYS = ["quant.bits", "quant.quant_type", "quant.double_quant", "quant.compute_dtype"]
+
 
 class UserError(Exception):
     """A problem the user can fix (bad params, missing file, offline hub); printed as one line."""

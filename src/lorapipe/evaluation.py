@@ -8,23 +8,15 @@ from typing import Any
 import datasets
 import torch
 
-from lorapipe.config import Params
+from lorapipe.config import MODEL_KEYS, QUANT_KEYS, Params
 from lorapipe.io import write_json
 from lorapipe.metrics import evaluate_model
 from lorapipe.modeling import load_tokenizer, load_with_adapter
 from lorapipe.tasks import IGNORE, get_task
 
 EVAL_KEYS = [
-    "task",
-    "model.name",
-    "model.trust_remote_code",
-    "data.num_labels",
-    "tokenize.max_length",
-    "tokenize.layout",
-    "quant.bits",
-    "quant.quant_type",
-    "quant.double_quant",
-    "quant.compute_dtype",
+    *MODEL_KEYS,
+    *QUANT_KEYS,
     "evaluate.batch_size",
     "evaluate.num_samples",
     "evaluate.max_new_tokens",

@@ -14,25 +14,17 @@ import datasets
 import torch
 
 from lorapipe.card import model_card
-from lorapipe.config import Params, UserError
+from lorapipe.config import MODEL_KEYS, QUANT_KEYS, Params, UserError
 from lorapipe.io import atomic_dir, read_json, write_json
 from lorapipe.modeling import load_tokenizer, load_with_adapter
 from lorapipe.tasks import get_task
 
 MERGE_KEYS = [
-    "task",
-    "model.name",
-    "model.trust_remote_code",
-    "data.num_labels",
-    "tokenize.max_length",
-    "tokenize.layout",
+    *MODEL_KEYS,
     "lora.r",
     "lora.alpha",
     "lora.target_modules",
-    "quant.bits",
-    "quant.quant_type",
-    "quant.double_quant",
-    "quant.compute_dtype",
+    *QUANT_KEYS,
     "merge.tolerance",
     "merge.probe_size",
 ]

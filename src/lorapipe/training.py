@@ -25,7 +25,7 @@ from transformers import Trainer, TrainingArguments, set_seed
 from transformers.integrations import DVCLiveCallback
 
 from lorapipe.card import model_card
-from lorapipe.config import Params, UserError, stage_params
+from lorapipe.config import MODEL_KEYS, QUANT_KEYS, Params, UserError, stage_params
 from lorapipe.io import atomic_dir, write_json
 from lorapipe.modeling import load_for_training, load_tokenizer
 from lorapipe.quant import compute_dtype, mixed_precision
@@ -35,20 +35,12 @@ log = logging.getLogger(__name__)
 
 # Exactly the params the train stage reads: dvc.yaml lists the same keys.
 TRAIN_KEYS = [
-    "task",
-    "model.name",
-    "model.trust_remote_code",
-    "data.num_labels",
-    "tokenize.max_length",
-    "tokenize.layout",
+    *MODEL_KEYS,
     "lora.r",
     "lora.alpha",
     "lora.dropout",
     "lora.target_modules",
-    "quant.bits",
-    "quant.quant_type",
-    "quant.double_quant",
-    "quant.compute_dtype",
+    *QUANT_KEYS,
     *(
         f"train.{k}"
         for k in (
