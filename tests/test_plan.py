@@ -176,3 +176,18 @@ def test_rejects_bad_arguments(bert_counts: dict) -> None:
         P.build_meta_model(config, "translation")
     with pytest.raises(ValueError):
         P.estimate_memory(config, bert_counts, 3, 1, 8, False)
+
+
+def test_plan_of_the_packaged_default_matches_what_training_counted():
+    from lorapipe.config import load_params
+    from tests.conftest import ROOT as root
+
+    p = load_params(root / "params.yaml")
+    config = P.load_model_config(p.model.name)  # pkg:… resolves to the package's folder
+    counts = P.count_trainable(config, p.task, p.lora.r, p.lora.alpha, p.lora.target_modules)
+    trained = json.loads((root / "reports/train/metrics.json").read_text())
+    assert (
+        (counts["trainable"], counts["all"])
+        == (trained["trainable_params"], trained["all_params"])
+        == (74_498, 22_788_484)
+    )

@@ -44,6 +44,10 @@ _TASK_TYPES = {
 
 def load_model_config(name: str) -> PretrainedConfig:
     """Config from a local folder, else a shipped copy, else the hub (or its local cache)."""
+    from lorapipe.sources import hub_reachable, resolve_model
+
+    if name.startswith("pkg:") or Path(name).exists():
+        name = resolve_model(name)  # a packaged or GGUF model: its (converted) folder
     folder = Path(name)
     if (folder / "config.json").is_file():
         return AutoConfig.from_pretrained(folder)
@@ -51,7 +55,8 @@ def load_model_config(name: str) -> PretrainedConfig:
     if shipped.is_file():
         return AutoConfig.for_model(**json.loads(shipped.read_text()))
     try:
-        return AutoConfig.from_pretrained(name)
+        # Offline, only the local cache: not huggingface_hub's ~25 s of retries.
+        return AutoConfig.from_pretrained(name, local_files_only=not hub_reachable())
     except (OSError, ValueError) as exc:
         raise ValueError(
             f"no config for {name!r}: not a local folder, none shipped in lorapipe/model_configs, "
