@@ -33,7 +33,7 @@ def _require_column(rows: datasets.Dataset, column: str, key: str, where: str) -
 
 
 def _texts(rows: datasets.Dataset, column: str, where: str) -> list[str]:
-    texts = list(rows[column])
+    texts = rows[column][:]  # a list; list(Column) reads row by row (~2 s per 67k rows)
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise UserError(f"{where}: row {i + 1}: '{column}' is {text!r}, not text")
@@ -61,7 +61,7 @@ class SeqCls:
         _require_column(rows, d.label_field, "data.label_field", where)
         texts = _texts(rows, d.text_field, where)
         labels = []
-        for i, raw in enumerate(list(rows[d.label_field])):
+        for i, raw in enumerate(rows[d.label_field][:]):
             try:
                 label = int(raw)
                 if str(raw).strip() not in (str(label), f"{label}.0"):
