@@ -1,6 +1,6 @@
 """Benchmark: this pipeline's data layout against the "tutorial" layout, side by side.
 
-    python bench/run.py            # the full benchmark (about 10 minutes on 2 CPU cores)
+    python bench/run.py            # the full benchmark (sized for ~10 minutes on 2 idle cores)
     python bench/run.py --quick    # a smoke run (1-2 minutes); its numbers are not meaningful
 
 Everything runs in this one process, on the same machine, with the same rows, model and seed,
