@@ -121,6 +121,15 @@ class Meter(TrainerCallback):
         self.step_ends.append(time.perf_counter())
 
 
+def resources(scoped: bool) -> dict[str, Any]:
+    """Peak memory and machine load at the end of one side of a comparison."""
+    return {
+        "peak_rss_mib": peak_rss_mib(),
+        "peak_rss_scope": "this side" if scoped else "process so far",
+        "load_average_1min_at_end": round(os.getloadavg()[0], 2),  # > cpus: a shared machine
+    }
+
+
 def training_args(
     out: str, seed: int, batch: int, sampling: str, **extra: Any
 ) -> TrainingArguments:
@@ -241,9 +250,7 @@ def classification_side(
         "computed_tokens": total,
         "eval_rows": len(dev),
         "accuracy": round(accuracy, 4),
-        "peak_rss_mib": peak_rss_mib(),
-        "peak_rss_scope": "this side" if scoped else "process so far",
-        "load_average_1min_at_end": round(os.getloadavg()[0], 2),  # > cpus: a shared machine
+        **resources(scoped),
     }
     del trainer, model
     release()
@@ -367,9 +374,7 @@ def causal_side(p: Params, data: datasets.Dataset, tok: Any) -> dict[str, Any]:
         "real_tokens_per_s": round(real / seconds, 1),
         "computed_tokens_per_s": round(total / seconds, 1),
         "real_token_fraction_in_timed_batches": round(real / total, 4),  # a sample of rows
-        "peak_rss_mib": peak_rss_mib(),
-        "peak_rss_scope": "this side" if scoped else "process so far",
-        "load_average_1min_at_end": round(os.getloadavg()[0], 2),  # > cpus: a shared machine
+        **resources(scoped),
     }
     del trainer, model
     release()
