@@ -25,7 +25,8 @@ def small_params(model: str, **train):
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["model"]["name"] = model
     raw["data"].update(max_train_rows=96, max_eval_rows=48)
-    raw["train"].update(epochs=1, batch_size=8, logging_steps=2, save_steps=4, **train)
+    defaults = {"epochs": 1, "batch_size": 8, "logging_steps": 2, "save_steps": 4}
+    raw["train"].update({**defaults, **train})
     return parse_params(raw)
 
 

@@ -14,6 +14,7 @@ import logging
 import shutil
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import datasets
 import torch
 from dvclive import Live
 from safetensors import safe_open
-from transformers import Trainer, TrainingArguments, set_seed
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.integrations import DVCLiveCallback
 
 from lorapipe.card import model_card
@@ -77,8 +78,51 @@ class NonFiniteLoss(UserError):
     pass
 
 
+class LengthBucketSampler(torch.utils.data.Sampler[int]):
+    """Rows sorted by length and cut into batches; the batches come in random order.
+
+    transformers' LengthGroupedSampler sorts only within mega-batches of at most 50 batches (and
+    a quarter of the data): at batch 32, 27-6 % padding on 1,000-5,000 SST-2 rows, against 6-1 %
+    when the whole set is sorted, and the profile says train time follows the padded tokens.
+    Rows of equal length (most rows share a length with many others) still mix at random.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int) -> None:
+        self.lengths = torch.tensor(lengths)
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Any:
+        # Global torch RNG, as transformers' samplers: Trainer seeds it and restores it on resume.
+        order = torch.randperm(len(self.lengths))
+        order = order[torch.argsort(self.lengths[order], stable=True, descending=True)]
+        first, *rest = order.split(self.batch_size)
+        # The longest batch first (out of memory shows at step 1, as in transformers), a short
+        # last batch last (so the DataLoader cuts exactly these batches), the rest shuffled.
+        short = [rest.pop()] if rest and len(rest[-1]) < self.batch_size else []
+        for batch in [first, *(rest[i] for i in torch.randperm(len(rest)).tolist()), *short]:
+            yield from batch.tolist()
+
+
 class GuardedTrainer(Trainer):
-    """Stops on the first NaN/inf loss, before the optimizer step can spread it to the weights."""
+    """Trainer that stops on the first NaN/inf loss and batches rows of similar length.
+
+    The NaN check runs before the optimizer step can spread it to the weights.
+    """
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        if self.args.train_sampling_strategy != "group_by_length":
+            return super()._get_train_sampler(train_dataset)
+        # Every task's tokenize writes a `length` column (Trainer may have pruned it from the copy).
+        return LengthBucketSampler(self.train_dataset["length"][:], self._train_batch_size)
+
+    def _get_eval_sampler(self, eval_dataset: Any) -> Any:
+        # The tokenize stage stores eval sorted by length; transformers would regroup it at random.
+        if self.args.world_size > 1:
+            return None  # accelerate shards it, in order
+        return torch.utils.data.SequentialSampler(eval_dataset)
 
     def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> Any:
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -194,8 +238,12 @@ def train(
     checkpoint_out: Path,
     report_dir: Path,
     work_root: Path,
+    callbacks: Sequence[TrainerCallback] = (),
 ) -> dict[str, Any]:
-    """Train LoRA on `tokenized`; write the adapter, the final checkpoint and DVCLive logs."""
+    """Train LoRA on `tokenized`; write the adapter, the final checkpoint and DVCLive logs.
+
+    `callbacks` are added to the stage's own (bench/run.py measures the stage with one).
+    """
     task = get_task(p.task)
     data = datasets.load_from_disk(str(tokenized))
     tok = load_tokenizer(p)
@@ -228,7 +276,7 @@ def train(
         data_collator=task.collator(tok, p),
         processing_class=tok,
         compute_metrics=task.compute_metrics,
-        callbacks=[StepAlignedDVCLive(live=live)],
+        callbacks=[StepAlignedDVCLive(live=live), *callbacks],
     )
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
