@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
 from lorapipe.config import UserError, parse_params
+from lorapipe.evaluation import evaluate
 from lorapipe.pipeline import run_all
 from lorapipe.training import NonFiniteLoss, latest_checkpoint
 from tests.conftest import MINILM, ROOT, make_project
@@ -37,6 +38,24 @@ def test_same_seed_gives_identical_metrics(tiny_bert, tmp_path):
     for name in REPORTS:
         a = (tmp_path / "a/reports" / name).read_text()
         assert a == (tmp_path / "b/reports" / name).read_text(), name
+
+
+def test_base_metric_is_the_seeded_step_0_model(tiny_bert, tmp_path):
+    # A new classifier head is drawn when the base loads: evaluate seeds it as train does, so
+    # "base" does not depend on what the process did before (a dvc stage is a fresh process).
+    headless = tmp_path / "headless"  # a checkpoint without a classifier, as MiniLM's
+    AutoModel.from_pretrained(tiny_bert).save_pretrained(headless)
+    AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(headless)
+    p = small_params(str(headless))
+    run_all(p, tmp_path)
+    bases = []
+    for other_seed in (1, 2):
+        torch.manual_seed(other_seed)
+        out = tmp_path / f"eval-{other_seed}.json"
+        bases.append(
+            evaluate(p, tmp_path / "tokenized", tmp_path / "adapter", out, tmp_path / "s")["base"]
+        )
+    assert bases[0] == bases[1]
 
 
 def test_nan_loss_stops_at_once_naming_the_step(tiny_bert, tmp_path):

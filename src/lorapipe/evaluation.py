@@ -7,6 +7,7 @@ from typing import Any
 
 import datasets
 import torch
+from transformers import set_seed
 
 from lorapipe.config import MODEL_KEYS, QUANT_KEYS, Params
 from lorapipe.io import write_json
@@ -20,6 +21,7 @@ EVAL_KEYS = [
     "evaluate.batch_size",
     "evaluate.num_samples",
     "evaluate.max_new_tokens",
+    "train.seed",
 ]
 
 
@@ -67,6 +69,8 @@ def evaluate(
 ) -> dict[str, Any]:
     task, tok = get_task(p.task), load_tokenizer(p)
     data = datasets.load_from_disk(str(tokenized))["eval"]
+    # Seeded as the train stage: a new head gets the same init, so "base" is the model at step 0.
+    set_seed(p.train.seed)
     model = load_with_adapter(p, adapter)  # the base as it was trained: quantized if it was
     collator = task.collator(tok, p)
     tuned = evaluate_model(model, data, collator, task, p.evaluate.batch_size)
