@@ -39,9 +39,7 @@ import torch
 import transformers
 from peft import get_peft_model
 from transformers import (
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    DataCollatorWithPadding,
+    DataCollatorForLanguageModeling,
     Trainer,
     TrainerCallback,
     TrainingArguments,
@@ -51,10 +49,13 @@ from transformers import (
 from transformers.trainer_callback import PrinterCallback
 
 from lorapipe.config import Params, load_params, parse_params
+from lorapipe.data import tokenize
 from lorapipe.lora import lora_config
-from lorapipe.modeling import load_for_training, load_tokenizer
-from lorapipe.sources import load_rows, resolve_model
+from lorapipe.metrics import evaluate_model
+from lorapipe.modeling import load_base, load_tokenizer, load_with_adapter
+from lorapipe.sources import load_rows
 from lorapipe.tasks import get_task
+from lorapipe.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"  # optional: every section that needs it can skip
@@ -96,29 +97,58 @@ def peak_rss_mib() -> float:
 
 
 class Meter(TrainerCallback):
-    """Wraps a collator to count the tokens of every batch, and times every optimizer step.
+    """Counts what the model computes on, and times the training loop, on either side.
 
-    Counting at the collator sees exactly what the model computes on: `total` is every position
-    (pads included), `real` the positions whose attention mask is 1.
+    A forward pre-hook on the model reads each training batch's attention mask: `total` is every
+    position (pads included), `real` the positions whose mask is 1. As a callback it works the
+    same inside the pipeline's train stage and in a plain Trainer.
     """
 
-    def __init__(self, collator: Any) -> None:
-        self.collator = collator
+    def __init__(self) -> None:
         self.rows: list[int] = []
         self.real: list[int] = []
         self.total: list[int] = []
         self.step_ends: list[float] = []
 
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = self.collator(features)
-        mask = batch["attention_mask"]
-        self.rows.append(int(mask.shape[0]))
-        self.real.append(int(mask.sum()))
-        self.total.append(int(mask.numel()))
-        return batch
+    def count(self, module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        if not module.training:
+            return
+        mask = kwargs.get("attention_mask")
+        ids = kwargs["input_ids"]
+        self.rows.append(int(ids.shape[0]))
+        self.total.append(int(ids.numel()))
+        self.real.append(int(mask.sum()) if mask is not None else int(ids.numel()))
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.hook = kwargs["model"].register_forward_pre_hook(self.count, with_kwargs=True)
+        self.start = time.perf_counter()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.step_ends.append(time.perf_counter())
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.end = time.perf_counter()
+        self.hook.remove()
+
+
+def cpu_busy_fraction(seconds: float = 2.0) -> float | None:
+    """How busy the CPUs are with other work, sampled while this process sleeps.
+
+    The 1-minute load average lags: it still counts a job that ended a minute ago.
+    """
+
+    def sample() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+        idle = fields[3] + fields[4]  # idle + iowait
+        return sum(fields) - idle, sum(fields)
+
+    try:
+        busy0, total0 = sample()
+        time.sleep(seconds)
+        busy1, total1 = sample()
+    except (OSError, ValueError, IndexError):  # not Linux
+        return None
+    return round((busy1 - busy0) / max(total1 - total0, 1), 3)
 
 
 def resources(scoped: bool) -> dict[str, Any]:
@@ -130,33 +160,6 @@ def resources(scoped: bool) -> dict[str, Any]:
     }
 
 
-def training_args(
-    out: str, seed: int, batch: int, sampling: str, **extra: Any
-) -> TrainingArguments:
-    # No eval, no checkpoints, no logging during training: only the training loop is timed.
-    return TrainingArguments(
-        output_dir=out,
-        seed=seed,
-        per_device_train_batch_size=batch,
-        train_sampling_strategy=sampling,
-        eval_strategy="no",
-        save_strategy="no",
-        logging_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        **extra,
-    )
-
-
-def trainer_for(model: Any, args: TrainingArguments, data: Any, meter: Meter) -> Trainer:
-    trainer = Trainer(
-        model=model, args=args, train_dataset=data, data_collator=meter, callbacks=[meter]
-    )
-    trainer.remove_callback(PrinterCallback)  # its end-of-train line would clutter the table
-    return trainer
-
-
 def release() -> None:
     """Return the previous side's memory before the next side starts (and resets peak RSS)."""
     gc.collect()
@@ -164,8 +167,74 @@ def release() -> None:
         torch.cuda.empty_cache()
 
 
+def tutorial_train(model: Any, p: Params, data: datasets.Dataset, collator: Any) -> Meter:
+    """The tutorial's loop: a plain Trainer with the params' optimizer settings, random sampler.
+
+    The same AdamW, linear warmup and decay, clipping and seed as the train stage; no eval, no
+    checkpoints, no logging: only what a hand-written script would run.
+    """
+    meter = Meter()
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(
+            output_dir=out,
+            seed=p.train.seed,
+            per_device_train_batch_size=p.train.batch_size,
+            num_train_epochs=p.train.epochs,
+            max_steps=p.train.max_steps,
+            learning_rate=p.train.learning_rate,
+            weight_decay=p.train.weight_decay,
+            warmup_steps=p.train.warmup_ratio,  # below 1: a fraction of the steps, as the stage
+            max_grad_norm=p.train.max_grad_norm,
+            save_strategy="no",
+            logging_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            use_cpu=not torch.cuda.is_available(),
+        )
+        trainer = Trainer(
+            model=model, args=args, train_dataset=data, data_collator=collator, callbacks=[meter]
+        )
+        trainer.remove_callback(PrinterCallback)  # its end-of-train line would clutter the table
+        trainer.train()
+    return meter
+
+
+def pipeline_train(p: Params, root: Path) -> tuple[Meter, Any]:
+    """The pipeline's own tokenize and train stages (lorapipe.data, lorapipe.training) as `dvc
+    repro` runs them: length-bucketed batches, dynamic padding or packing, DVCLive logging and
+    checkpoints included. Returns the meter and the trained model (base + adapter, reloaded)."""
+    tokenized = root / "tokenized"
+    tokenize(p, tokenized)
+    meter = Meter()
+    train(
+        p, tokenized, root / "adapter", root / "checkpoint", root / "train", root / ".work", [meter]
+    )
+    return meter, load_with_adapter(p, root / "adapter")
+
+
+def side_result(meter: Meter, seconds: float, skip: int = 0) -> dict[str, Any]:
+    rows, real, total = (sum(x[skip:]) for x in (meter.rows, meter.real, meter.total))
+    return {
+        "steps": len(meter.step_ends),
+        "timed_steps": len(meter.step_ends) - skip,
+        "seconds": round(seconds, 2),
+        "seconds_per_step": round(seconds / (len(meter.step_ends) - skip), 2),
+        "samples_per_s": round(rows / seconds, 2),
+        "real_tokens_per_s": round(real / seconds, 1),
+        "computed_tokens_per_s": round(total / seconds, 1),
+        "real_token_fraction": round(real / total, 4),
+        "computed_tokens": total,
+    }
+
+
+def score(p: Params, model: Any, data: datasets.Dataset, tok: Any) -> dict[str, Any]:
+    """Both sides are scored by the evaluate stage's own loop, on the same rows."""
+    task = get_task(p.task)
+    return evaluate_model(model, data, task.collator(tok, p), task, p.evaluate.batch_size)
+
+
 # ---------------------------------------------------------------------------------------------
-# 1. Classification: pad to 128 + random sampler  vs  dynamic padding + length-grouped batches
+# 1. Classification: pad to 128 + random sampler  vs  the pipeline's tokenize and train stages
 
 
 def tutorial_tokenize(rows: datasets.Dataset, tok: Any, p: Params) -> datasets.Dataset:
@@ -180,136 +249,66 @@ def tutorial_tokenize(rows: datasets.Dataset, tok: Any, p: Params) -> datasets.D
     return datasets.Dataset.from_dict({**enc, "labels": labels})
 
 
-def dev_accuracy(model: Any, dev: datasets.Dataset, tok: Any) -> float:
-    """Both sides are scored the same way, so that only their training differs.
-
-    Dynamic padding, batches of 64 in file order: pads are masked, so padding the dev rows to 128
-    would give the same predictions, only slower, and eval speed is not what is compared here.
-    """
-    loader = torch.utils.data.DataLoader(
-        dev.remove_columns("length"), batch_size=64, collate_fn=DataCollatorWithPadding(tok)
-    )
-    model.eval()
-    correct = 0
-    with torch.no_grad():
-        for batch in loader:
-            labels = batch.pop("labels").to(model.device)
-            logits = model(**{k: v.to(model.device) for k, v in batch.items()}).logits
-            correct += int((logits.argmax(-1) == labels).sum())
-    return correct / len(dev)
-
-
-def classification_side(
-    name: str,
-    p: Params,
-    train: datasets.Dataset,
-    dev: datasets.Dataset,
-    tok: Any,
-    collator: Any,
-    sampling: str,
-    epochs: float,
-) -> dict[str, Any]:
-    scoped = reset_peak_rss()
-    set_seed(p.train.seed)  # same LoRA init and classifier head on both sides
-    model = AutoModelForSequenceClassification.from_pretrained(
-        resolve_model(p.model.name), num_labels=p.data.num_labels
-    )
-    model = get_peft_model(model, lora_config(p))
-    meter = Meter(collator)
-    with tempfile.TemporaryDirectory() as out:
-        args = training_args(
-            out,
-            p.train.seed,
-            p.train.batch_size,
-            sampling,
-            num_train_epochs=epochs,
-            learning_rate=p.train.learning_rate,
-            weight_decay=p.train.weight_decay,
-            warmup_steps=p.train.warmup_ratio,  # below 1: a fraction of the steps, as training.py
-            max_grad_norm=p.train.max_grad_norm,
-        )
-        trainer = trainer_for(model, args, train, meter)
-        # The whole train() call is timed (sampler, collation, every step): over an epoch the
-        # one-time costs are small, and the length-grouped sampler puts its longest batch first,
-        # so dropping the first step would flatter this pipeline's side.
-        start = time.perf_counter()
-        trainer.train()
-        train_s = time.perf_counter() - start
-    accuracy = dev_accuracy(model, dev, tok)
-    samples, real, total = sum(meter.rows), sum(meter.real), sum(meter.total)
-    result = {
-        "side": name,
-        "sampling": sampling,
-        "train_rows": len(train),
-        "steps": len(meter.step_ends),
-        "train_seconds": round(train_s, 2),
-        "samples_per_s": round(samples / train_s, 2),
-        "real_tokens_per_s": round(real / train_s, 1),
-        "computed_tokens_per_s": round(total / train_s, 1),
-        "real_token_fraction": round(real / total, 4),
-        "computed_tokens": total,
-        "eval_rows": len(dev),
-        "accuracy": round(accuracy, 4),
-        **resources(scoped),
-    }
-    del trainer, model
-    release()
-    return result
-
-
 def classification(args: argparse.Namespace, p: Params) -> dict[str, Any]:
-    # The params' batch of 32 gives 1,000 rows only 32 steps, and LoRA here leaves the
-    # majority-class plateau only after ~50-60 steps (reports/train: loss 0.69 until then), so
-    # both sides scored 0.509, the majority class, and the accuracy target said nothing. Batch 8:
-    # 125 steps, ~0.75 dev accuracy, for about the same compute. --batch-size 32 for the params'.
-    train = p.train.model_copy(update={"batch_size": args.batch_size})
-    p = p.model_copy(update={"train": train})
-    tok = AutoTokenizer.from_pretrained(resolve_model(p.model.name))
-    # A seeded random subset: the same rows on both sides, not just the file's first rows.
-    train_rows = load_rows(str(ROOT / p.data.train), "data.train").shuffle(seed=p.train.seed)
-    train_rows = train_rows.select(range(min(args.train_rows, len(train_rows))))
-    dev_rows = load_rows(str(ROOT / p.data.eval), "data.eval")
-    if args.eval_rows:
-        dev_rows = dev_rows.select(range(min(args.eval_rows, len(dev_rows))))
-    task = get_task("seq_cls")
-    dev = task.tokenize(dev_rows, tok, p, "data.eval")
-    positive = sum(dev["labels"][:]) / len(dev)
+    # A seeded random subset of the committed sample: the same rows on both sides.
+    rows = load_rows(str(ROOT / p.data.train), "data.train").shuffle(seed=p.train.seed)
+    rows = rows.select(range(min(args.train_rows, len(rows))))
+    train_ = p.train.model_copy(
+        update={
+            "epochs": args.epochs,
+            "batch_size": args.batch_size or p.train.batch_size,
+            "eval_strategy": "no",  # both sides are scored after training, the same way
+        }
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        rows.to_csv(str(root / "train.tsv"), sep="\t", index=False)
+        data_ = p.data.model_copy(
+            update={
+                "train": str(root / "train.tsv"),
+                "eval": str(ROOT / p.data.eval),
+                "max_train_rows": None,
+                "max_eval_rows": args.eval_rows,
+            }
+        )
+        p = p.model_copy(update={"data": data_, "train": train_})
+        tok = load_tokenizer(p)
+        dev_rows = load_rows(p.data.eval, "data.eval")
+        dev_rows = dev_rows.select(range(min(args.eval_rows or len(dev_rows), len(dev_rows))))
+        dev = get_task(p.task).tokenize(dev_rows, tok, p, "data.eval")
 
-    tutorial = classification_side(
-        "tutorial",
-        p,
-        tutorial_tokenize(train_rows, tok, p),
-        dev,
-        tok,
-        default_data_collator,  # rows are already all 128 long: nothing left to pad
-        "random",
-        args.epochs,
-    )
-    pipeline = classification_side(
-        "pipeline",
-        p,
-        task.tokenize(train_rows, tok, p, "data.train"),
-        dev,
-        tok,
-        task.collator(tok, p),  # DataCollatorWithPadding: pads to the longest row of a batch
-        "group_by_length",
-        args.epochs,
-    )
-    speedup = pipeline["samples_per_s"] / tutorial["samples_per_s"]
+        scoped = reset_peak_rss()
+        set_seed(p.train.seed)  # the same LoRA init and classifier head as the stage's
+        model = get_peft_model(load_base(p), lora_config(p))
+        # Rows already all 128 long: nothing left to pad.
+        meter = tutorial_train(model, p, tutorial_tokenize(rows, tok, p), default_data_collator)
+        tutorial = {**side_result(meter, meter.end - meter.start), **resources(scoped)}
+        tutorial["accuracy"] = round(score(p, model, dev, tok)["accuracy"], 4)
+        del model
+        release()
+
+        scoped = reset_peak_rss()
+        meter, model = pipeline_train(p, root / "pipeline")
+        pipeline = {**side_result(meter, meter.end - meter.start), **resources(scoped)}
+        pipeline["accuracy"] = round(score(p, model, dev, tok)["accuracy"], 4)
+        del model
+        release()
+    positive = sum(dev["labels"][:]) / len(dev)
     return {
         "model": p.model.name,
-        "epochs": args.epochs,
+        "train_rows": len(rows),
+        "eval_rows": len(dev),
+        "epochs": p.train.epochs,
         "batch_size": p.train.batch_size,
         "lora": p.lora.model_dump(),
         "tutorial": tutorial,
         "pipeline": pipeline,
-        "speedup_samples_per_s": round(speedup, 2),
+        "speedup_samples_per_s": round(pipeline["samples_per_s"] / tutorial["samples_per_s"], 2),
         "speedup_real_tokens_per_s": round(
             pipeline["real_tokens_per_s"] / tutorial["real_tokens_per_s"], 2
         ),
         # The same rows, so this is how much less the pipeline computes: the speedup to expect
-        # when a computed token costs the same on both sides. Measured far below it, fixed
-        # per-step costs (or a busy machine) dominate the pipeline's short batches.
+        # when a computed token costs the same on both sides.
         "work_ratio": round(tutorial["computed_tokens"] / pipeline["computed_tokens"], 2),
         "accuracy_delta_points": round(100 * (pipeline["accuracy"] - tutorial["accuracy"]), 2),
         # What always answering the commoner label scores: accuracy at or near it means the
@@ -319,16 +318,16 @@ def classification(args: argparse.Namespace, p: Params) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. Causal LM: a padded row per line  vs  lines packed into full blocks
+# 2. Causal LM: a padded row per line  vs  the pipeline's packed full blocks
 
 
-def causal_params(text: Path, max_length: int, layout: str, args: argparse.Namespace) -> Params:
+def causal_params(train: Path, heldout: Path, max_length: int, args: argparse.Namespace) -> Params:
     return parse_params(
         {
             "task": "causal_lm",
-            "data": {"train": str(text), "eval": None, "text_field": "text"},
+            "data": {"train": str(train), "eval": str(heldout), "text_field": "text"},
             "model": {"name": SMOLLM2},
-            "tokenize": {"max_length": max_length, "layout": layout},
+            "tokenize": {"max_length": max_length, "layout": "pack"},
             "lora": {"r": 8, "alpha": 16, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]},
             "quant": {"bits": "none"},  # full precision fp32, on both sides
             "train": {
@@ -337,100 +336,111 @@ def causal_params(text: Path, max_length: int, layout: str, args: argparse.Names
                 "max_steps": args.causal_steps,
                 "learning_rate": 2e-4,
                 "mixed_precision": "no",
+                "eval_strategy": "no",
             },
+            "evaluate": {"batch_size": args.causal_batch},
         },
         "bench",
     )
 
 
-def causal_side(p: Params, data: datasets.Dataset, tok: Any) -> dict[str, Any]:
-    scoped = reset_peak_rss()
-    set_seed(p.train.seed)
-    model = load_for_training(p)  # the library's own loading: fp32 base + LoRA on q_proj/v_proj
-    meter = Meter(get_task("causal_lm").collator(tok, p))  # `pad` pads to max_length
-    with tempfile.TemporaryDirectory() as out:
-        args_ = training_args(
-            out,
-            p.train.seed,
-            p.train.batch_size,
-            "random",  # the same sampler on both sides: only the layout differs
-            max_steps=p.train.max_steps,
-            learning_rate=p.train.learning_rate,
-        )
-        trainer = trainer_for(model, args_, data, meter)
-        trainer.train()
-    # A fixed number of steps, not epochs: timed from the end of step 1 to the end of the last
-    # step, so one-time costs (allocator, thread pools) stay out of so short a run. Every batch
-    # has the same shape on both sides (batch x max_length), so step 1 is not special otherwise.
-    seconds = meter.step_ends[-1] - meter.step_ends[0]
-    real, total, rows = sum(meter.real[1:]), sum(meter.total[1:]), sum(meter.rows[1:])
-    result = {
-        "layout": p.tokenize.layout,
-        "timed_steps": len(meter.step_ends) - 1,
-        "batch_size": p.train.batch_size,
-        "seconds": round(seconds, 2),
-        "seconds_per_step": round(seconds / (len(meter.step_ends) - 1), 2),
-        "rows_per_s": round(rows / seconds, 2),
-        "real_tokens_per_s": round(real / seconds, 1),
-        "computed_tokens_per_s": round(total / seconds, 1),
-        "real_token_fraction_in_timed_batches": round(real / total, 4),  # a sample of rows
-        **resources(scoped),
-    }
-    del trainer, model
-    release()
-    return result
+def tutorial_lines(lines: list[str], tok: Any, max_length: int) -> datasets.Dataset:
+    """A hand-written script's layout: every line of the file a row (the blank lines between
+    paragraphs too, as `load_dataset("text")` gives them), each padded to max_length."""
+    enc = tok(lines, padding="max_length", truncation=True, max_length=max_length)
+    return datasets.Dataset.from_dict(dict(enc))
 
 
 def causal(args: argparse.Namespace) -> dict[str, Any]:
     if not WIKITEXT.is_file():
         return {"skipped": f"{WIKITEXT} not found (../shared is optional)"}
-    task = get_task("causal_lm")
-    rows = load_rows(str(WIKITEXT), "data.train")
-    tok = load_tokenizer(causal_params(WIKITEXT, 256, "pad", args))  # pad token := EOS if none
-    # Empty lines are dropped in both layouts (the library's tokenize does it): WikiText
-    # separates paragraphs with blank lines, and in the pad layout each would be a row of one
-    # EOS and max_length-1 pads -- pure padding that teaches nothing. Keeping them would inflate
-    # the pad layout's waste and so flatter packing; dropping them is the fair comparison.
-    lines = [t for t in rows["text"][:] if t.strip()]
-    text_tokens = sum(len(x) + 1 for x in tok(lines, add_special_tokens=False)["input_ids"])
+    lines = WIKITEXT.read_text(encoding="utf-8").splitlines()
+    cut = len(lines) - len(lines) // 20  # the last 5 % of lines: held-out text for perplexity
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        train_txt, heldout_txt = root / "train.txt", root / "heldout.txt"
+        train_txt.write_text("\n".join(lines[:cut]) + "\n", encoding="utf-8")
+        heldout_txt.write_text("\n".join(lines[cut:]) + "\n", encoding="utf-8")
+        p = causal_params(train_txt, heldout_txt, args.causal_length, args)
+        tok = load_tokenizer(p)  # pad token := EOS if none, as in the stages
 
-    efficiency, timed = {}, {}
-    for length in CAUSAL_LENGTHS:
-        entry = {}
-        for layout in ("pad", "pack"):
-            p = causal_params(WIKITEXT, length, layout, args)
-            data = task.tokenize(rows, tok, p, "data.train")
-            real = sum(data["length"][:])  # tokenize leaves rows unpadded: length = real tokens
-            slots = len(data) * length  # what the model computes on once padded to max_length
-            entry[layout] = {
-                "rows": len(data),
-                "real_tokens": real,
-                "real_token_fraction": round(real / slots, 4),
-                # pad cuts lines longer than max_length; pack drops at most the last block's tail
-                "text_tokens_lost": round(1 - real / text_tokens, 4),
+        # Real tokens in each layout over the whole file: the tutorial's pad layout, and
+        # packing as the tokenize stage writes it (full blocks only, so all real).
+        efficiency = {}
+        for length in CAUSAL_LENGTHS:
+            pad = tutorial_lines(lines, tok, length)
+            real = sum(sum(m) for m in pad["attention_mask"][:])
+            packed = get_task("causal_lm").tokenize(
+                load_rows(str(WIKITEXT), "data.train"),
+                tok,
+                causal_params(WIKITEXT, WIKITEXT, length, args),
+                "data.train",
+            )
+            efficiency[str(length)] = {
+                "pad": {
+                    "rows": len(pad),
+                    "real_token_fraction": round(real / (len(pad) * length), 4),
+                },
+                "pack": {"rows": len(packed), "real_token_fraction": 1.0},
+                "ceiling_speedup": round(len(pad) * length / real, 2),
             }
-            if length == args.causal_length:
-                timed[layout] = (p, data)
-        entry["ceiling_speedup"] = round(1 / entry["pad"]["real_token_fraction"], 2)
-        efficiency[str(length)] = entry
 
-    throughput = {layout: causal_side(p, data, tok) for layout, (p, data) in timed.items()}
-    pad, pack = throughput["pad"], throughput["pack"]
-    speedup = pack["real_tokens_per_s"] / pad["real_tokens_per_s"]
+        # Throughput at one length over a fixed number of steps; timed from the end of step 1 to
+        # the end of the last, so one-time costs stay out of so short a run.
+        scoped = reset_peak_rss()
+        set_seed(p.train.seed)
+        tutorial_model = get_peft_model(load_base(p), lora_config(p))
+        collator = DataCollatorForLanguageModeling(tok, mlm=False)  # pad positions -> label -100
+        rows = tutorial_lines(lines[:cut], tok, args.causal_length)
+        meter = tutorial_train(tutorial_model, p, rows, collator)
+        seconds = meter.step_ends[-1] - meter.step_ends[0]
+        pad = {**side_result(meter, seconds, skip=1), **resources(scoped)}
+        pad["epoch_real_token_fraction"] = round(
+            sum(sum(m) for m in rows["attention_mask"][:]) / (len(rows) * args.causal_length), 4
+        )
+
+        scoped = reset_peak_rss()
+        meter, model = pipeline_train(p, root / "pipeline")
+        seconds = meter.step_ends[-1] - meter.step_ends[0]
+        pack = {**side_result(meter, seconds, skip=1), **resources(scoped)}
+        blocks = datasets.load_from_disk(str(root / "pipeline" / "tokenized"))["train"]
+        pack["epoch_real_token_fraction"] = round(
+            sum(blocks["length"][:]) / (len(blocks) * args.causal_length), 4
+        )
+        # A few timed steps see a few random rows, whose share of real tokens is noise (20 rows
+        # of WikiText lines: 15 to 40 %, 9 times in 10). Every batch has the same shape, so the
+        # time per computed token is the measurement, and an epoch computes on all the rows:
+        # useful tokens/s over an epoch = computed tokens/s x the epoch's real-token fraction.
+        for side in (pad, pack):
+            side["real_tokens_per_s_over_an_epoch"] = round(
+                side["computed_tokens_per_s"] * side["epoch_real_token_fraction"], 1
+            )
+        # Perplexity after the same number of steps, on the held-out text as the stage packs it.
+        heldout = datasets.load_from_disk(str(root / "pipeline" / "tokenized"))["eval"]
+        heldout = heldout.select(range(min(args.heldout_blocks, len(heldout))))
+        pad["heldout_perplexity"] = round(score(p, tutorial_model, heldout, tok)["perplexity"], 2)
+        pack["heldout_perplexity"] = round(score(p, model, heldout, tok)["perplexity"], 2)
+        del tutorial_model, model
+        release()
     return {
         "model": SMOLLM2,
         "text": str(WIKITEXT),
-        "lines": len(rows),
-        "non_empty_lines": len(lines),
-        "text_tokens_with_eos": text_tokens,
+        "lines": len(lines),
+        "blank_lines": sum(not line.strip() for line in lines),
         "efficiency": efficiency,
         "throughput_max_length": args.causal_length,
-        "throughput": throughput,
-        "speedup_real_tokens_per_s": round(speedup, 2),
+        "batch_size": args.causal_batch,
+        "throughput": {"pad": pad, "pack": pack},
+        "heldout_tokens": sum(heldout["length"][:]),
+        "speedup_real_tokens_per_s": round(
+            pack["real_tokens_per_s_over_an_epoch"] / pad["real_tokens_per_s_over_an_epoch"], 2
+        ),
+        "speedup_real_tokens_per_s_timed_batches": round(
+            pack["real_tokens_per_s"] / pad["real_tokens_per_s"], 2
+        ),
         "ceiling_speedup": efficiency[str(args.causal_length)]["ceiling_speedup"],
-        # Both sides compute on batches of the same shape, so this should be close to 1; far
-        # from 1, the machine was busier during one side than the other (or the pad side's
-        # attention mask costs extra) and the speedup above is off by that factor.
+        # Both sides compute on batches of one shape (batch x max_length), so this should be
+        # close to 1; far from it, the machine was busier during one side than the other.
         "computed_tokens_per_s_ratio": round(
             pack["computed_tokens_per_s"] / pad["computed_tokens_per_s"], 2
         ),
@@ -484,7 +494,7 @@ def noop_repro(repeats: int) -> dict[str, Any]:
 def sst2_tokenize(p: Params) -> dict[str, Any]:
     if not SST2_FULL.is_file():
         return {"skipped": f"{SST2_FULL} not found (../shared is optional)"}
-    tok = AutoTokenizer.from_pretrained(resolve_model(p.model.name))  # not timed: loaded once
+    tok = load_tokenizer(p)  # not timed: loaded once
     start = time.perf_counter()
     rows = load_rows(str(SST2_FULL), "data.train")
     read_s = time.perf_counter() - start
@@ -568,7 +578,8 @@ def table(result: dict[str, Any]) -> str:
     machine = result["machine"]
     lines.append(
         f"Machine: {machine['cpus']} CPUs, {machine['torch_threads']} torch threads, "
-        f"GPU {machine['cuda']}, 1-min load at start {machine['load_average_1min_at_start']}"
+        f"GPU {machine['cuda']}, CPUs busy with other work at start "
+        f"{machine['cpu_busy_before_start']}"
     )
     lines.append("")
     cls = result["classification"]
@@ -577,7 +588,8 @@ def table(result: dict[str, Any]) -> str:
     else:
         t, p = cls["tutorial"], cls["pipeline"]
         lines.append(
-            f"Classification ({cls['model']}, {t['train_rows']} rows x {cls['epochs']} epoch)"
+            f"Classification ({cls['model']}, {cls['train_rows']} rows x {cls['epochs']} epoch, "
+            f"batch {cls['batch_size']})"
         )
         row("", "tutorial", "pipeline", "ratio")
         row("train samples/s", t["samples_per_s"], p["samples_per_s"], cls["speedup_samples_per_s"])
@@ -589,8 +601,8 @@ def table(result: dict[str, Any]) -> str:
         )
         row("real-token fraction", t["real_token_fraction"], p["real_token_fraction"], "")
         row("computed tokens", t["computed_tokens"], p["computed_tokens"], cls["work_ratio"])
-        row("train seconds", t["train_seconds"], p["train_seconds"], "")
-        row(f"dev accuracy ({t['eval_rows']} rows)", t["accuracy"], p["accuracy"], "")
+        row("train seconds", t["seconds"], p["seconds"], "")
+        row(f"dev accuracy ({cls['eval_rows']} rows)", t["accuracy"], p["accuracy"], "")
         row("peak RSS MiB", t["peak_rss_mib"], p["peak_rss_mib"], "")
 
     lm = result["causal_lm"]
@@ -598,24 +610,35 @@ def table(result: dict[str, Any]) -> str:
     if not_run(lm):
         lines.append(f"Causal LM: {not_run(lm)}")
     else:
-        lines.append(f"Causal LM ({lm['non_empty_lines']} non-empty WikiText lines)")
+        lines.append(f"Causal LM ({lm['lines']} WikiText lines, {lm['blank_lines']} of them blank)")
         row("max_length", *CAUSAL_LENGTHS)
         eff = lm["efficiency"]
         row("pad: real-token fraction", *(eff[str(n)]["pad"]["real_token_fraction"] for n in eff))
-        row("pad: text lost to truncation", *(eff[str(n)]["pad"]["text_tokens_lost"] for n in eff))
         row("pack: real-token fraction", *(eff[str(n)]["pack"]["real_token_fraction"] for n in eff))
         row("ceiling speedup (1/fraction)", *(eff[str(n)]["ceiling_speedup"] for n in eff))
         pad, pack = lm["throughput"]["pad"], lm["throughput"]["pack"]
         lines.append(
             f"  throughput at {lm['throughput_max_length']}: {pad['timed_steps']} timed steps of "
-            f"{pad['batch_size']} rows"
+            f"{lm['batch_size']} rows"
         )
         row("", "pad", "pack", "ratio")
         row(
-            "real tokens/s",
+            "real tokens/s over an epoch",
+            pad["real_tokens_per_s_over_an_epoch"],
+            pack["real_tokens_per_s_over_an_epoch"],
+            lm["speedup_real_tokens_per_s"],
+        )
+        row(
+            "  epoch real-token fraction",
+            pad["epoch_real_token_fraction"],
+            pack["epoch_real_token_fraction"],
+            "",
+        )
+        row(
+            "  real tokens/s, timed rows only",
             pad["real_tokens_per_s"],
             pack["real_tokens_per_s"],
-            lm["speedup_real_tokens_per_s"],
+            lm["speedup_real_tokens_per_s_timed_batches"],
         )
         row(
             "computed tokens/s (same shapes)",
@@ -624,6 +647,12 @@ def table(result: dict[str, Any]) -> str:
             lm["computed_tokens_per_s_ratio"],
         )
         row("seconds/step", pad["seconds_per_step"], pack["seconds_per_step"], "")
+        row(
+            f"held-out perplexity ({lm['heldout_tokens']} tok)",
+            pad["heldout_perplexity"],
+            pack["heldout_perplexity"],
+            "",
+        )
         row("peak RSS MiB", pad["peak_rss_mib"], pack["peak_rss_mib"], "")
 
     lines.append("")
@@ -667,7 +696,7 @@ def chart(result: dict[str, Any], path: Path) -> None:
         pad, pack = lm["throughput"]["pad"], lm["throughput"]["pack"]
         axes[1].bar(
             ["pad per line", "pack"],
-            [pad["real_tokens_per_s"], pack["real_tokens_per_s"]],
+            [pad["real_tokens_per_s_over_an_epoch"], pack["real_tokens_per_s_over_an_epoch"]],
             color=["C7", "C1"],
         )
         axes[1].set_title(
@@ -704,13 +733,14 @@ def chart(result: dict[str, Any], path: Path) -> None:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a tiny smoke run (1-2 minutes)")
-    parser.add_argument("--train-rows", type=int, help="classification train rows (1000)")
+    parser.add_argument("--train-rows", type=int, help="classification train rows (3000)")
     parser.add_argument("--eval-rows", type=int, help="classification dev rows (all 872)")
     parser.add_argument("--epochs", type=float, default=1.0, help="classification epochs")
-    parser.add_argument("--batch-size", type=int, default=8, help="classification batch size")
+    parser.add_argument("--batch-size", type=int, help="classification batch (params.yaml's)")
     parser.add_argument("--causal-steps", type=int, help="causal optimizer steps per side (6)")
     parser.add_argument("--causal-batch", type=int, help="causal batch size (4)")
     parser.add_argument("--causal-length", type=int, default=256, choices=CAUSAL_LENGTHS)
+    parser.add_argument("--heldout-blocks", type=int, help="causal perplexity blocks (16)")
     parser.add_argument("--repro-runs", type=int, help="no-op repro repeats, median kept (3)")
     parser.add_argument(
         "--threads",
@@ -722,8 +752,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--png", type=Path, default=ROOT / "reports" / "bench.png")
     args = parser.parse_args()
     # Flags given explicitly win; the rest depend on --quick.
-    quick = {"train_rows": 32, "eval_rows": 64, "causal_steps": 2, "causal_batch": 1}
-    full = {"train_rows": 1000, "eval_rows": None, "causal_steps": 6, "causal_batch": 4}
+    quick = {"train_rows": 64, "eval_rows": 64, "causal_steps": 2, "causal_batch": 1}
+    full = {"train_rows": 3000, "eval_rows": None, "causal_steps": 6, "causal_batch": 4}
+    quick["heldout_blocks"], full["heldout_blocks"] = 2, 16
     quick["repro_runs"], full["repro_runs"] = 1, 3
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
@@ -755,7 +786,7 @@ def main() -> None:
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
-            "load_average_1min_at_start": round(os.getloadavg()[0], 2),
+            "cpu_busy_before_start": cpu_busy_fraction(),  # 0..1, other processes
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "torch": torch.__version__,
             "transformers": transformers.__version__,
@@ -788,11 +819,11 @@ def main() -> None:
 
     print()
     print(table(result))
-    load, cpus = result["machine"]["load_average_1min_at_start"], result["machine"]["cpus"]
-    if load > 0.5 * (cpus or 1):
+    busy = result["machine"]["cpu_busy_before_start"]
+    if busy is not None and busy > 0.25:
         print(
-            f"\nnote: the machine was busy (1-min load {load} on {cpus} CPUs) before this run "
-            "started; timings are pessimistic, and with several torch threads a busy machine "
+            f"\nnote: other work kept the CPUs {busy:.0%} busy when this run started; "
+            "timings are pessimistic, and with several torch threads a busy machine "
             "adds a fixed cost to every step, which hides most of the short-batch gain. Rerun "
             "on an idle machine, or with --threads 1."
         )
