@@ -200,17 +200,20 @@ def tutorial_train(model: Any, p: Params, data: datasets.Dataset, collator: Any)
     return meter
 
 
-def pipeline_train(p: Params, root: Path) -> tuple[Meter, Any]:
-    """The pipeline's own tokenize and train stages (lorapipe.data, lorapipe.training) as `dvc
-    repro` runs them: length-bucketed batches, dynamic padding or packing, DVCLive logging and
-    checkpoints included. Returns the meter and the trained model (base + adapter, reloaded)."""
-    tokenized = root / "tokenized"
-    tokenize(p, tokenized)
+def pipeline_train(p: Params, tokenized: Path, root: Path) -> tuple[Meter, Any]:
+    """The pipeline's own train stage (lorapipe.training) as `dvc repro` runs it, on what the
+    tokenize stage wrote: length-bucketed batches, dynamic padding or packing, DVCLive logging
+    and checkpoints included. Returns the meter and the trained model (base + adapter, reloaded)."""
     meter = Meter()
     train(
         p, tokenized, root / "adapter", root / "checkpoint", root / "train", root / ".work", [meter]
     )
     return meter, load_with_adapter(p, root / "adapter")
+
+
+def real_token_fraction(real_per_row: list[int], max_length: int) -> float:
+    """The share of real tokens once every row is computed at max_length."""
+    return round(sum(real_per_row) / (len(real_per_row) * max_length), 4)
 
 
 def side_result(meter: Meter, seconds: float, skip: int = 0) -> dict[str, Any]:
@@ -274,9 +277,10 @@ def classification(args: argparse.Namespace, p: Params) -> dict[str, Any]:
         )
         p = p.model_copy(update={"data": data_, "train": train_})
         tok = load_tokenizer(p)
-        dev_rows = load_rows(p.data.eval, "data.eval")
-        dev_rows = dev_rows.select(range(min(args.eval_rows or len(dev_rows), len(dev_rows))))
-        dev = get_task(p.task).tokenize(dev_rows, tok, p, "data.eval")
+        # The tokenize stage, untimed: the pipeline trains on its output, both sides score `dev`.
+        tokenized = root / "tokenized"
+        tokenize(p, tokenized)
+        dev = datasets.load_from_disk(str(tokenized))["eval"]
 
         scoped = reset_peak_rss()
         set_seed(p.train.seed)  # the same LoRA init and classifier head as the stage's
@@ -289,7 +293,7 @@ def classification(args: argparse.Namespace, p: Params) -> dict[str, Any]:
         release()
 
         scoped = reset_peak_rss()
-        meter, model = pipeline_train(p, root / "pipeline")
+        meter, model = pipeline_train(p, tokenized, root / "pipeline")
         pipeline = {**side_result(meter, meter.end - meter.start), **resources(scoped)}
         pipeline["accuracy"] = round(score(p, model, dev, tok)["accuracy"], 4)
         del model
@@ -366,25 +370,25 @@ def causal(args: argparse.Namespace) -> dict[str, Any]:
         tok = load_tokenizer(p)  # pad token := EOS if none, as in the stages
 
         # Real tokens in each layout over the whole file: the tutorial's pad layout, and
-        # packing as the tokenize stage writes it (full blocks only, so all real).
+        # packing as the tokenize stage writes it (full blocks only).
         efficiency = {}
+        file_rows = load_rows(str(WIKITEXT), "data.train")
         for length in CAUSAL_LENGTHS:
-            pad = tutorial_lines(lines, tok, length)
-            real = sum(sum(m) for m in pad["attention_mask"][:])
+            pad = [sum(m) for m in tutorial_lines(lines, tok, length)["attention_mask"][:]]
             packed = get_task("causal_lm").tokenize(
-                load_rows(str(WIKITEXT), "data.train"),
-                tok,
-                causal_params(WIKITEXT, WIKITEXT, length, args),
-                "data.train",
+                file_rows, tok, causal_params(WIKITEXT, WIKITEXT, length, args), "data.train"
             )
             efficiency[str(length)] = {
-                "pad": {
-                    "rows": len(pad),
-                    "real_token_fraction": round(real / (len(pad) * length), 4),
+                "pad": {"rows": len(pad), "real_token_fraction": real_token_fraction(pad, length)},
+                "pack": {
+                    "rows": len(packed),
+                    "real_token_fraction": real_token_fraction(packed["length"][:], length),
                 },
-                "pack": {"rows": len(packed), "real_token_fraction": 1.0},
-                "ceiling_speedup": round(len(pad) * length / real, 2),
+                "ceiling_speedup": round(len(pad) * length / sum(pad), 2),
             }
+        tokenized = root / "tokenized"
+        tokenize(p, tokenized)  # the tokenize stage, untimed: packed train and held-out blocks
+        stage_data = datasets.load_from_disk(str(tokenized))
 
         # Throughput at one length over a fixed number of steps; timed from the end of step 1 to
         # the end of the last, so one-time costs stay out of so short a run.
@@ -396,17 +400,16 @@ def causal(args: argparse.Namespace) -> dict[str, Any]:
         meter = tutorial_train(tutorial_model, p, rows, collator)
         seconds = meter.step_ends[-1] - meter.step_ends[0]
         pad = {**side_result(meter, seconds, skip=1), **resources(scoped)}
-        pad["epoch_real_token_fraction"] = round(
-            sum(sum(m) for m in rows["attention_mask"][:]) / (len(rows) * args.causal_length), 4
+        pad["epoch_real_token_fraction"] = real_token_fraction(
+            [sum(m) for m in rows["attention_mask"][:]], args.causal_length
         )
 
         scoped = reset_peak_rss()
-        meter, model = pipeline_train(p, root / "pipeline")
+        meter, model = pipeline_train(p, tokenized, root / "pipeline")
         seconds = meter.step_ends[-1] - meter.step_ends[0]
         pack = {**side_result(meter, seconds, skip=1), **resources(scoped)}
-        blocks = datasets.load_from_disk(str(root / "pipeline" / "tokenized"))["train"]
-        pack["epoch_real_token_fraction"] = round(
-            sum(blocks["length"][:]) / (len(blocks) * args.causal_length), 4
+        pack["epoch_real_token_fraction"] = real_token_fraction(
+            stage_data["train"]["length"][:], args.causal_length
         )
         # A few timed steps see a few random rows, whose share of real tokens is noise (20 rows
         # of WikiText lines: 15 to 40 %, 9 times in 10). Every batch has the same shape, so the
@@ -417,8 +420,9 @@ def causal(args: argparse.Namespace) -> dict[str, Any]:
                 side["computed_tokens_per_s"] * side["epoch_real_token_fraction"], 1
             )
         # Perplexity after the same number of steps, on the held-out text as the stage packs it.
-        heldout = datasets.load_from_disk(str(root / "pipeline" / "tokenized"))["eval"]
-        heldout = heldout.select(range(min(args.heldout_blocks, len(heldout))))
+        heldout = stage_data["eval"].select(
+            range(min(args.heldout_blocks, len(stage_data["eval"])))
+        )
         pad["heldout_perplexity"] = round(score(p, tutorial_model, heldout, tok)["perplexity"], 2)
         pack["heldout_perplexity"] = round(score(p, model, heldout, tok)["perplexity"], 2)
         del tutorial_model, model
