@@ -2,15 +2,16 @@
 
 from pathlib import Path
 
-from lorapipe import stage
+from lorapipe import runtime, stage
 from lorapipe.launch import relaunch
 from lorapipe.modeling import preflight
 from lorapipe.training import train
 
 
 def main(p):
-    preflight(p)  # shape-only checks (target modules, bitsandbytes) before any weight loads
-    if relaunch(p, __file__):  # train.num_processes > 1: this script ran again on every rank
+    config = preflight(p)  # shape-only checks (target modules, bitsandbytes) before any weights
+    # train.num_processes > 1 (or auto on several GPUs): this script runs again on every rank.
+    if relaunch(p, __file__, runtime.world_size(p, runtime.device_count())):
         return
     summary = train(
         p,
@@ -19,6 +20,7 @@ def main(p):
         checkpoint_out=Path("models/checkpoint"),
         report_dir=Path("reports/train"),
         work_root=Path("models/.work"),
+        rt=runtime.resolve(p, config),
     )
     print(summary)
 

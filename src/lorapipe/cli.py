@@ -26,31 +26,19 @@ def cmd_check(args: argparse.Namespace) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> None:
     from lorapipe import plan
+    from lorapipe.runtime import describe, detect
 
     p = _params(args)
+    machine = describe(args.machine) if args.machine else detect()
     try:
-        config = plan.load_model_config(p.model.name)
+        result = plan.machine_plan(p, machine)
     except ValueError as exc:
         raise UserError(f"model.name: {exc}") from None
-    bits = None if p.quant.bits == "none" else int(p.quant.bits)
-    counts = plan.count_trainable(
-        config, p.task, p.lora.r, p.lora.alpha, list(p.lora.target_modules), p.data.num_labels
-    )
-    memory = {
-        gc: plan.estimate_memory(
-            config,
-            counts,
-            bits,
-            p.train.batch_size,
-            p.tokenize.max_length,
-            gradient_checkpointing=gc,
-            double_quant=p.quant.double_quant,
-            # our loader keeps an unquantized base in fp32
-            compute_dtype_bytes=4 if bits is None else 2,
-        )
-        for gc in (False, True)
-    }
+    memory = result["train_memory_by_gc"]
+    counts = result["counts"]
     print(plan.format_plan(p.model.name, counts, memory[False], memory[True], args.device_gb))
+    print()
+    print(plan.format_machine_plan(result))
 
 
 def cmd_recipe(args: argparse.Namespace) -> None:
@@ -87,17 +75,20 @@ def _read_inputs(source: str) -> list[str]:
 
 
 def _load(args: argparse.Namespace, p: Params) -> Any:
-    import torch
-
-    from lorapipe.modeling import load_tokenizer, load_with_adapter
+    from lorapipe.modeling import load_config, load_tokenizer, load_with_adapter
+    from lorapipe.runtime import resolve
     from lorapipe.tasks import get_task
 
+    rt = resolve(p, load_config(p))
     if args.model:  # a merged, standalone folder
         from transformers import AutoTokenizer
 
-        model = get_task(p.task).auto_model.from_pretrained(args.model, dtype=torch.float32)
+        model = get_task(p.task).auto_model.from_pretrained(
+            args.model, dtype=rt.base_dtype, device_map=rt.device_map
+        )
         return model.eval(), AutoTokenizer.from_pretrained(args.model)
-    return load_with_adapter(p, args.adapter), load_tokenizer(p)
+    tok = load_tokenizer(p)
+    return load_with_adapter(p, rt, args.adapter, tok.pad_token_id), tok
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -109,6 +100,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     model, tok = _load(args, p)
     for line in _read_inputs(args.input):
         enc = tok(line, truncation=True, max_length=p.tokenize.max_length, return_tensors="pt")
+        enc = enc.to(model.device)
         with torch.no_grad():
             probs = model(**enc).logits.softmax(-1)[0]
         label = int(probs.argmax())
@@ -130,7 +122,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
             prompt = tok.apply_chat_template(
                 [{"role": "user", "content": line}], add_generation_prompt=True, tokenize=False
             )
-        enc = tok(prompt, return_tensors="pt", add_special_tokens=False)
+        enc = tok(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
         with torch.no_grad():
             out = model.generate(
                 **enc,
@@ -162,6 +154,11 @@ def parser() -> argparse.ArgumentParser:
         cmd.add_argument("--recipe", help="a recipe name instead of --params")
         if name == "plan":
             cmd.add_argument("--device-gb", type=float, help="also compare with this device")
+            cmd.add_argument(
+                "--machine",
+                help="plan for a described machine: cpu, t4, a10g, l4, a100-40, a100-80, h100, "
+                "each optionally xN (h100x8); default: this machine",
+            )
     add("push", cmd_push, "upload models/adapter or models/merged to the hub (params: hub)")
     rec = add("recipe", cmd_recipe, "list, show or apply the recipes in recipes/")
     rec.add_argument("action", choices=["list", "show", "apply"])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -92,7 +92,9 @@ class TrainParams(_Section):
     eval_strategy: Literal["epoch", "steps", "no"] = "epoch"
     eval_steps: int = Field(100, gt=0)
     save_steps: int = Field(100, gt=0)
-    num_processes: int = Field(1, gt=0, description="devices; >1 runs under accelerate launch")
+    num_processes: Literal["auto"] | Annotated[int, Field(gt=0)] = Field(
+        "auto", description="processes (one per GPU); auto: every visible GPU, 1 on a CPU"
+    )
     distributed: Literal["ddp", "fsdp", "deepspeed", "multinode-ddp"] = "ddp"
 
 
@@ -103,7 +105,10 @@ class EvaluateParams(_Section):
 
 
 class MergeParams(_Section):
-    tolerance: float = Field(1e-4, gt=0)
+    tolerance: Literal["auto"] | Annotated[float, Field(gt=0)] = Field(
+        "auto", description="max logit difference relative to the largest; auto: by dtype"
+    )
+    min_top1_agreement: float = Field(0.99, ge=0, le=1)
     probe_size: int = Field(8, gt=0)
 
 

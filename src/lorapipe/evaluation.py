@@ -12,7 +12,8 @@ from transformers import set_seed
 from lorapipe.config import MODEL_KEYS, QUANT_KEYS, Params
 from lorapipe.io import write_json
 from lorapipe.metrics import evaluate_model
-from lorapipe.modeling import load_tokenizer, load_with_adapter
+from lorapipe.modeling import load_config, load_tokenizer, load_with_adapter
+from lorapipe.runtime import Runtime, autocast, resolve
 from lorapipe.tasks import IGNORE, get_task
 
 EVAL_KEYS = [
@@ -22,6 +23,7 @@ EVAL_KEYS = [
     "evaluate.num_samples",
     "evaluate.max_new_tokens",
     "train.seed",
+    "train.mixed_precision",  # evaluation runs under training's autocast
 ]
 
 
@@ -65,17 +67,27 @@ def samples(p: Params, model: Any, tok: Any, data: datasets.Dataset) -> list[dic
 
 
 def evaluate(
-    p: Params, tokenized: Path, adapter: Path, metrics_out: Path, samples_out: Path
+    p: Params,
+    tokenized: Path,
+    adapter: Path,
+    metrics_out: Path,
+    samples_out: Path,
+    rt: Runtime | None = None,
 ) -> dict[str, Any]:
+    """`rt`: the stage's resolved runtime (resolved for this machine when not given)."""
     task, tok = get_task(p.task), load_tokenizer(p)
+    rt = rt or resolve(p, load_config(p))
     data = datasets.load_from_disk(str(tokenized))["eval"]
     # Seeded as the train stage: a new head gets the same init, so "base" is the model at step 0.
     set_seed(p.train.seed)
-    model = load_with_adapter(p, adapter)  # the base as it was trained: quantized if it was
+    # The base as it was trained (quantized if it was), in training's dtype and autocast.
+    model = load_with_adapter(p, rt, adapter, tok.pad_token_id)
     collator = task.collator(tok, p)
-    tuned = evaluate_model(model, data, collator, task, p.evaluate.batch_size)
-    with model.disable_adapter():
-        base = evaluate_model(model, data, collator, task, p.evaluate.batch_size)
+    # rt.eval_batch_size: evaluate.batch_size, bounded so one batch's logits fit the device.
+    with autocast(rt):
+        tuned = evaluate_model(model, data, collator, task, rt.eval_batch_size)
+        with model.disable_adapter():
+            base = evaluate_model(model, data, collator, task, rt.eval_batch_size)
     key = task.metric
     metrics = {
         "task": p.task,
@@ -86,5 +98,6 @@ def evaluate(
         "gain": tuned[key] - base[key],
     }
     write_json(metrics_out, metrics)
-    write_json(samples_out, samples(p, model, tok, data))
+    with autocast(rt):
+        write_json(samples_out, samples(p, model, tok, data))
     return metrics

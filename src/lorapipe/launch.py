@@ -1,7 +1,7 @@
 """Several processes through accelerate: the train stage re-runs itself under `accelerate launch`.
 
 The stage script stays the same; params choose the engine (train.distributed names a config
-in configs/accelerate/) and the process count (train.num_processes).
+in configs/accelerate/) and the process count (train.num_processes; auto: one per GPU).
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ def launched() -> bool:
     return GUARD in os.environ or "WORLD_SIZE" in os.environ
 
 
-def relaunch(p: Params, script: str) -> bool:
-    """Run `script` under accelerate when params ask for >1 process; True if it did."""
-    if p.train.num_processes == 1 or launched():
+def relaunch(p: Params, script: str, world_size: int) -> bool:
+    """Run `script` under accelerate when the runtime wants >1 process; True if it did."""
+    if world_size == 1 or launched():
         return False
     config = CONFIGS / f"{p.train.distributed}.yaml"
     if not config.is_file():
@@ -37,7 +37,7 @@ def relaunch(p: Params, script: str) -> bool:
         "--config_file",
         str(config),
         "--num_processes",
-        str(p.train.num_processes),
+        str(world_size),
     ]
     # On a CPU-only machine the same launcher (torchrun underneath) runs DDP over gloo.
     proc = subprocess.run([*cmd, script], check=False, env={**os.environ, GUARD: "1"})

@@ -14,15 +14,20 @@ from lorapipe.evaluation import evaluate
 from lorapipe.merge import merge
 from lorapipe.modeling import preflight
 from lorapipe.plots import plot_training
+from lorapipe.runtime import resolve
 from lorapipe.training import train
 
 
 def run_all(p: Params, root: Path) -> dict[str, Any]:
-    preflight(p)
+    rt = resolve(p, preflight(p))
     tokenized, adapter, reports = root / "tokenized", root / "adapter", root / "reports"
     meta = tokenize(p, tokenized)
-    summary = train(p, tokenized, adapter, root / "checkpoint", reports / "train", root / ".work")
-    metrics = evaluate(p, tokenized, adapter, reports / "eval.json", reports / "samples.json")
+    summary = train(
+        p, tokenized, adapter, root / "checkpoint", reports / "train", root / ".work", rt=rt
+    )
+    metrics = evaluate(
+        p, tokenized, adapter, reports / "eval.json", reports / "samples.json", rt=rt
+    )
     merged = merge(
         p,
         tokenized,
@@ -30,6 +35,7 @@ def run_all(p: Params, root: Path) -> dict[str, Any]:
         root / "merged",
         reports / "merge.json",
         reports / "train" / "metrics.json",
+        rt=rt,
     )
     figures = plot_training(reports / "train" / "plots" / "metrics", reports / "figures")
     return {

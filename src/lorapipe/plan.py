@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import init_empty_weights
@@ -169,6 +170,7 @@ def estimate_memory(
         activations = layers * 2 * s * b * h + per_layer
     else:
         activations = layers * per_layer
+    activations *= compute_dtype_bytes / 2  # the formula counts 16-bit activations
     # The loss upcasts logits to fp32; for causal LM that is a full vocabulary row per token.
     width = config.vocab_size if counts["task"] != "seq_cls" else counts["num_labels"]
     logits = b * (s if counts["task"] != "seq_cls" else 1) * width * 4
@@ -184,6 +186,91 @@ def estimate_memory(
     memory = {k: int(v) for k, v in memory.items()}
     memory["total"] = sum(memory.values())
     return memory
+
+
+def estimate_eval_memory(
+    config: PretrainedConfig, counts: dict, weights: int, batch_size: int, seq_len: int
+) -> dict:
+    """Peak memory of an evaluation batch: no gradients or optimizer, one layer's activations at
+    a time, and the logits with their fp32 upcast and log-softmax (the term that grows with the
+    vocabulary, which the runtime bounds through the evaluation batch size)."""
+    s, b, h = seq_len, batch_size, config.hidden_size
+    width = config.vocab_size if counts["task"] != "seq_cls" else counts["num_labels"]
+    rows = s if counts["task"] != "seq_cls" else 1
+    memory = {
+        "weights": weights,
+        "adapters": counts["trainable"] * 4,
+        "activations": int(s * b * h * 34),
+        "logits": int(b * rows * width * (2 + 4 + 4)),
+    }
+    memory["total"] = sum(memory.values())
+    return memory
+
+
+def machine_plan(p: Any, machine: Any) -> dict:
+    """What `p` resolves to on `machine`, with training and evaluation peaks per device."""
+    from lorapipe.runtime import resolve
+
+    config = load_model_config(p.model.name)
+    rt = resolve(p, config, machine)
+    bits = None if p.quant.bits == "none" else int(p.quant.bits)
+    counts = count_trainable(
+        config, p.task, p.lora.r, p.lora.alpha, list(p.lora.target_modules), p.data.num_labels
+    )
+    by_gc = {
+        gc: estimate_memory(
+            config,
+            counts,
+            bits,
+            p.train.batch_size,
+            p.tokenize.max_length,
+            gc,
+            compute_dtype_bytes=rt.base_dtype.itemsize,
+            double_quant=p.quant.double_quant,
+        )
+        for gc in (False, True)
+    }
+    train = by_gc[p.train.gradient_checkpointing]
+    evaluation = estimate_eval_memory(
+        config, counts, train["weights"], rt.eval_batch_size, p.tokenize.max_length
+    )
+    capacity = machine.memory_gb * 1e9
+    return {
+        "runtime": rt.summary(),
+        "counts": counts,
+        "train_memory": train,
+        "train_memory_by_gc": by_gc,
+        "eval_memory": evaluation,
+        "fits": max(train["total"], evaluation["total"]) <= capacity,
+        "batch": (p.train.batch_size, p.train.grad_accum, rt.world_size),
+        "effective_batch_size": p.train.batch_size * p.train.grad_accum * rt.world_size,
+    }
+
+
+def format_machine_plan(plan: dict) -> str:
+    rt = plan["runtime"]
+    b, k, d = plan["batch"]
+    keys = (
+        "device",
+        "base_dtype",
+        "compute_dtype",
+        "mixed_precision",
+        "attn_implementation",
+        "optim",
+        "gradient_checkpointing_kwargs",
+        "ddp_find_unused_parameters",
+        "tf32",
+        "eval_batch_size",
+    )
+    lines = [f"Runtime on {rt['machine']} ({d} process(es), devices {rt['rank_devices']}):"]
+    lines += [f"  {key:<30} {rt[key]}" for key in keys]
+    lines += [
+        f"Peak per device: training {plan['train_memory']['total'] / GIB:.2f} GiB, "
+        f"evaluation {plan['eval_memory']['total'] / GIB:.2f} GiB "
+        f"(batch {rt['eval_batch_size']}); fits: {'yes' if plan['fits'] else 'NO'}",
+        f"Effective batch: B {b} x K {k} x D {d} = {plan['effective_batch_size']}",
+    ]
+    return "\n".join(lines)
 
 
 def peft_line(counts: dict) -> str:

@@ -28,8 +28,8 @@ from transformers.integrations import DVCLiveCallback
 from lorapipe.card import model_card
 from lorapipe.config import MODEL_KEYS, QUANT_KEYS, Params, UserError, stage_params
 from lorapipe.io import atomic_dir, write_json
-from lorapipe.modeling import load_for_training, load_tokenizer
-from lorapipe.quant import compute_dtype, mixed_precision
+from lorapipe.modeling import load_config, load_for_training, load_tokenizer
+from lorapipe.runtime import Runtime, peak_memory_gb, resolve
 from lorapipe.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -106,11 +106,38 @@ class LengthBucketSampler(torch.utils.data.Sampler[int]):
             yield from batch.tolist()
 
 
-class GuardedTrainer(Trainer):
-    """Trainer that stops on the first NaN/inf loss and batches rows of similar length.
+class NonFiniteGuard(TrainerCallback):
+    """Stops at the first non-finite loss, before the optimizer step can spread it to the weights.
 
-    The NaN check runs before the optimizer step can spread it to the weights.
+    Each micro-step's loss is folded into a flag on the device (no host sync); the host reads
+    the flag once per optimizer step, just before the step, so no non-finite weight is ever
+    applied, checkpointed or saved.
     """
+
+    def __init__(self) -> None:
+        self.flag: torch.Tensor | None = None
+
+    def observe(self, loss: torch.Tensor) -> None:
+        bad = ~torch.isfinite(loss.detach()).all()
+        self.flag = bad if self.flag is None else self.flag | bad
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        flag, self.flag = self.flag, None
+        if flag is not None and bool(flag):  # the one sync per optimizer step
+            raise NonFiniteLoss(
+                f"train: loss became nan or inf at step {state.global_step + 1}; the last good "
+                f"checkpoint is kept in {args.output_dir}; lower train.learning_rate or train in "
+                "fp32 (train.mixed_precision: no)"
+            )
+
+
+class GuardedTrainer(Trainer):
+    """Trainer with the non-finite-loss guard, batching rows of similar length."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.guard = NonFiniteGuard()
+        self.add_callback(self.guard)
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         if self.args.train_sampling_strategy != "group_by_length":
@@ -126,12 +153,7 @@ class GuardedTrainer(Trainer):
 
     def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> Any:
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if not torch.isfinite(loss).all():
-            raise NonFiniteLoss(
-                f"train: loss became {loss.item()} at step {self.state.global_step + 1}; the last "
-                f"good checkpoint is kept in {self.args.output_dir}; lower train.learning_rate or "
-                "train in fp32 (train.mixed_precision: no)"
-            )
+        self.guard.observe(loss)
         return loss
 
 
@@ -193,8 +215,15 @@ def latest_checkpoint(work: Path) -> Path | None:
     return None
 
 
-def training_args(p: Params, output_dir: Path, has_eval: bool) -> TrainingArguments:
-    t, precision = p.train, mixed_precision(p)
+def training_args(
+    p: Params, output_dir: Path, has_eval: bool, rt: Runtime | None = None
+) -> TrainingArguments:
+    """TrainingArguments from params, every device-dependent field from the runtime.
+
+    Creating them sets up accelerate's process state (and the process group under a launcher),
+    so they come before the model loads.
+    """
+    t, rt = p.train, rt or resolve(p, load_config(p))
     eval_strategy = t.eval_strategy if has_eval else "no"
     return TrainingArguments(
         output_dir=str(output_dir),
@@ -202,15 +231,18 @@ def training_args(p: Params, output_dir: Path, has_eval: bool) -> TrainingArgume
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
         per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=p.evaluate.batch_size,
+        per_device_eval_batch_size=rt.eval_batch_size,
         gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.learning_rate,
         weight_decay=t.weight_decay,
         lr_scheduler_type="linear",  # linear warmup, then linear decay to 0
         warmup_steps=t.warmup_ratio,
         max_grad_norm=t.max_grad_norm,
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
+        optim=rt.optim,
+        bf16=rt.mixed_precision == "bf16",
+        fp16=rt.mixed_precision == "fp16",
+        tf32=rt.tf32 or None,  # None: leave torch's default (TF32 off for matmuls)
+        ddp_find_unused_parameters=rt.ddp_find_unused_parameters,
         train_sampling_strategy=t.sampling,
         logging_steps=t.logging_steps,
         logging_nan_inf_filter=False,  # a NaN must show, not be averaged away
@@ -224,11 +256,36 @@ def training_args(p: Params, output_dir: Path, has_eval: bool) -> TrainingArgume
         prediction_loss_only=get_task(p.task).compute_metrics is None,
         dataloader_num_workers=0,
         # Without use_cpu, ranks on a CPU-only machine train unwrapped: no DDP, no gradient sync.
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=rt.machine.accelerator == "cpu",
         # Token-weighting across ranks scales the loss by the world size for the model to divide
         # back; classifiers' losses are per-example means that never do (2x gradients on 2 ranks).
         average_tokens_across_devices=get_task(p.task).token_weighted_loss,
     )
+
+
+def throughput(
+    rt: Runtime, rows: datasets.Dataset, samples: int, seconds: float, params: int
+) -> dict[str, Any]:
+    """Wall-clock figures (they differ run to run: timing.json, not metrics.json).
+
+    tokens/s counts real (non-pad) tokens, from the set's mean row length. MFU takes 4·N FLOPs
+    per token for N base params (forward 2N, backward 2N for activation gradients only: the base
+    is frozen; LoRA's own FLOPs and attention's are left out, recomputation is not counted).
+    """
+    tokens = samples * sum(rows["length"][:]) / max(len(rows), 1)
+    out: dict[str, Any] = {
+        "train_seconds": round(seconds, 2),
+        "samples_per_second": round(samples / seconds, 2),
+        "tokens_per_second": round(tokens / seconds, 1),
+        "device": rt.machine.name,
+    }
+    peak = rt.machine.peak_tflops
+    if peak:
+        out["mfu"] = round(4 * params * tokens / seconds / (peak * 1e12 * rt.world_size), 4)
+    memory = peak_memory_gb(rt)
+    if memory is not None:
+        out["peak_memory_gb_per_device"] = round(memory, 2)
+    return out
 
 
 def train(
@@ -239,20 +296,23 @@ def train(
     report_dir: Path,
     work_root: Path,
     callbacks: Sequence[TrainerCallback] = (),
+    rt: Runtime | None = None,
 ) -> dict[str, Any]:
     """Train LoRA on `tokenized`; write the adapter, the final checkpoint and DVCLive logs.
 
-    `callbacks` are added to the stage's own (bench/run.py measures the stage with one).
+    `callbacks` are added to the stage's own (bench/run.py measures the stage with one). `rt`:
+    the stage's resolved runtime (resolved for this machine when not given).
     """
     task = get_task(p.task)
+    rt = rt or resolve(p, load_config(p))
     data = datasets.load_from_disk(str(tokenized))
     tok = load_tokenizer(p)
     work = work_root / fingerprint(p, tokenized)
     resume = latest_checkpoint(work) if work.exists() else None
 
+    args = training_args(p, work, has_eval="eval" in data, rt=rt)
     set_seed(p.train.seed)  # before the model: LoRA's A and a new head are drawn at creation
-    model = load_for_training(p)
-    args = training_args(p, work, has_eval="eval" in data)
+    model = load_for_training(p, rt, tok)
     world = args.world_size
     effective_batch = p.train.batch_size * p.train.grad_accum * world
     # Only rank 0 logs: a Live on another rank would clear and rewrite the same folder.
@@ -292,8 +352,9 @@ def train(
         "trainable_params": trainable,
         "all_params": total,
         "global_steps": result.global_step,
-        "mixed_precision": mixed_precision(p),
-        "compute_dtype": str(compute_dtype(p.quant)).removeprefix("torch."),
+        "mixed_precision": rt.mixed_precision,
+        "compute_dtype": str(rt.compute_dtype).removeprefix("torch."),
+        "base_dtype": str(rt.base_dtype).removeprefix("torch."),
     }
     if trainer.is_world_process_zero():
         live.summary.update({k: v for k, v in summary.items() if isinstance(v, int | float)})
@@ -315,11 +376,8 @@ def train(
         steps_run = result.global_step - resumed_from
         write_json(
             report_dir / "timing.json",
-            {
-                "train_seconds": round(seconds, 2),
-                "resumed_from_step": resumed_from,
-                "samples_per_second": round(steps_run * effective_batch / seconds, 2),
-            },
+            throughput(rt, data["train"], steps_run * effective_batch, seconds, total)
+            | {"resumed_from_step": resumed_from},
         )
         shutil.rmtree(work, ignore_errors=True)
         with contextlib.suppress(OSError):  # other runs' resumable work stays
