@@ -24,10 +24,11 @@ def no_dropout_bert(tmp_path_factory):
     return out
 
 
-def train_run(path, model, processes: int, batch_size: int):
+def train_run(path, model, processes: int, batch_size: int, **extra):
     project = make_project(
         path,
         {
+            **extra,
             "model.name": str(model),
             "data.max_train_rows": 64,
             "data.max_eval_rows": 16,
@@ -52,9 +53,20 @@ def curve(project, name):
 
 
 @pytest.mark.slow
-def test_two_ranks_match_one_with_the_same_effective_batch(tmp_path, no_dropout_bert):
-    two, proc = train_run(tmp_path / "two", no_dropout_bert, processes=2, batch_size=4)
-    one, _ = train_run(tmp_path / "one", no_dropout_bert, processes=1, batch_size=8)
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        # 4-bit + gradient checkpointing + 2 ranks died at the first backward ("marked as ready
+        # twice"): reentrant checkpointing with find_unused_parameters=True.
+        {"quant.bits": 4, "train.gradient_checkpointing": True},
+        {"quant.bits": 8},
+    ],
+    ids=["fp32", "4bit-checkpointing", "8bit"],
+)
+def test_two_ranks_match_one_with_the_same_effective_batch(tmp_path, no_dropout_bert, extra):
+    two, proc = train_run(tmp_path / "two", no_dropout_bert, 2, 4, **extra)
+    one, _ = train_run(tmp_path / "one", no_dropout_bert, 1, 8, **extra)
     log = proc.stdout + proc.stderr
     assert "rank 0/2" in log and "rank 1/2" in log  # both ranks ran
     metrics = json.loads((two / "reports/train/metrics.json").read_text())
@@ -71,47 +83,3 @@ def test_two_ranks_match_one_with_the_same_effective_batch(tmp_path, no_dropout_
     for key in b:
         torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=1e-3)
 
-
-def kbit_run(path, model, processes: int, batch_size: int, bits: int, checkpointing: bool):
-    project = make_project(
-        path,
-        {
-            "task": "causal_lm",
-            "model.name": str(model),
-            "data.text_field": "sentence",
-            "data.max_train_rows": 48,
-            "data.max_eval_rows": 8,
-            "tokenize.max_length": 32,
-            "lora.dropout": 0.0,
-            "lora.target_modules": ["q_proj", "v_proj"],
-            "quant.bits": bits,
-            "train.batch_size": batch_size,
-            "train.num_processes": processes,
-            "train.gradient_checkpointing": checkpointing,
-            "train.sampling": "sequential",
-            "train.logging_steps": 1,
-            "train.max_steps": 3,
-            "train.eval_strategy": "no",
-            "train.save_steps": 3,
-        },
-    )
-    run(["python", "stages/tokenize_data.py"], cwd=project)
-    return project, run(["python", "stages/train.py"], cwd=project)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(("bits", "checkpointing"), [(4, True), (8, False)])
-def test_two_ranks_with_a_kbit_base_match_one(tmp_path, tiny_llama, bits, checkpointing):
-    # 4-bit + gradient checkpointing + 2 ranks died at the first backward ("marked as ready
-    # twice") with reentrant checkpointing and find_unused_parameters=True.
-    args = (tiny_llama, bits, checkpointing)
-    two, proc = kbit_run(tmp_path / "two", args[0], 2, 4, *args[1:])
-    one, _ = kbit_run(tmp_path / "one", args[0], 1, 8, *args[1:])
-    assert "rank 1/2" in proc.stdout + proc.stderr
-    a = load_file(two / "models/adapter/adapter_model.safetensors")
-    b = load_file(one / "models/adapter/adapter_model.safetensors")
-    assert a.keys() == b.keys()
-    for key in b:
-        torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=1e-3)
-    # B starts at zero: a non-zero B shows the runs trained, not two untouched initialisations
-    assert all(b[k].abs().max() > 0 for k in b if "lora_B" in k)

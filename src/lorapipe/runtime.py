@@ -222,7 +222,7 @@ def resolve(p: Params, config: Any, machine: Machine | None = None) -> Runtime:
         compute_dtype=compute,
         mixed_precision=mixed,
         attn_implementation="flash_attention_2" if flash else "sdpa",
-        optim="adamw_torch_fused" if m.accelerator == "cuda" else "adamw_torch",
+        optim="adamw_torch_fused",  # one fused kernel per step; torch has it for CPU and CUDA
         # Non-reentrant: reentrant checkpointing marks LoRA weights ready twice under DDP.
         gradient_checkpointing_kwargs=(
             {"use_reentrant": False} if p.train.gradient_checkpointing else None
