@@ -88,3 +88,63 @@ def test_sft_chat_template_that_does_not_extend_the_prompt_is_refused(chat_tok):
     rows = datasets.Dataset.from_dict({"input": ["q"], "output": ["a"]})
     with pytest.raises(UserError, match=r"^data\.chat_template: the template does not extend"):
         get_task("sft").tokenize(rows, chat_tok, sft_params(chat_template=True), "data.train")
+
+
+def test_seq_cls_evaluation_drops_the_length_column(tiny_bert):
+    """The tokenize stage stores `length`; no model takes it as an input."""
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    rows = datasets.Dataset.from_dict(
+        {"input_ids": [[101, 7, 102], [101, 8, 5, 102]], "labels": [0, 1], "length": [3, 4]}
+    )
+    got = evaluate_model(
+        FirstTokenClassifier(), rows, DataCollatorWithPadding(tok), get_task("seq_cls"), 2
+    )
+    assert (got["accuracy"], got["examples"]) == (1.0, 2)
+
+
+@pytest.fixture
+def plain_tok(tiny_llama):
+    return AutoTokenizer.from_pretrained(tiny_llama)
+
+
+@pytest.mark.parametrize(
+    ("missing", "key"), [("input", "data.input_field"), ("output", "data.output_field")]
+)
+def test_sft_missing_column_names_the_key(plain_tok, missing, key):
+    rows = datasets.Dataset.from_dict({"input": ["q"], "output": ["a"]}).remove_columns(missing)
+    with pytest.raises(UserError) as info:
+        get_task("sft").tokenize(rows, plain_tok, sft_params(), "data.eval")
+    assert str(info.value).startswith(f"data.eval: no '{missing}' column (set {key}; columns: ")
+
+
+@pytest.mark.parametrize("column", ["input", "output"])
+def test_sft_row_that_is_not_text_names_the_row(plain_tok, column):
+    data = {"input": ["q", "q2"], "output": ["a", "a2"]}
+    data[column] = ["fine", None]
+    rows = datasets.Dataset.from_dict(data)
+    with pytest.raises(UserError, match=rf"^data\.train: row 2: '{column}' is None, not text$"):
+        get_task("sft").tokenize(rows, plain_tok, sft_params(), "data.train")
+
+
+def test_sft_skips_prompts_with_no_room_for_an_answer_and_keeps_the_rest(plain_tok):
+    p = sft_params()
+    sep = p.data.separator
+    long = "word " * 200  # far over max_length 64
+    exact = ""  # a prompt of exactly max_length tokens: room for no answer token either
+    while len(plain_tok(exact + sep, add_special_tokens=False)["input_ids"]) < 64:
+        exact += "a "
+    assert len(plain_tok(exact + sep, add_special_tokens=False)["input_ids"]) == 64
+    rows = datasets.Dataset.from_dict(
+        {"input": [long, exact, "what is two plus two"], "output": ["x", "y", "four"]}
+    )
+    out = get_task("sft").tokenize(rows, plain_tok, p, "data.train")
+    assert len(out) == 1
+    prompt = plain_tok("what is two plus two" + sep, add_special_tokens=False)["input_ids"]
+    assert out[0]["input_ids"][: len(prompt)] == prompt
+
+
+def test_sft_with_every_prompt_too_long_says_so(plain_tok):
+    rows = datasets.Dataset.from_dict({"input": ["word " * 200], "output": ["x"]})
+    with pytest.raises(UserError) as info:
+        get_task("sft").tokenize(rows, plain_tok, sft_params(), "data.train")
+    assert str(info.value) == ("data.train: every prompt is longer than tokenize.max_length=64")
