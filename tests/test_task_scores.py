@@ -26,8 +26,10 @@ class FirstTokenClassifier(torch.nn.Module):
         for token, logits in LOGITS.items():
             table[token] = torch.tensor(logits)
         self.table = torch.nn.Embedding.from_pretrained(table)
+        self.batches: list[list[int]] = []  # the first words the model saw, batch by batch
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        self.batches.append(input_ids[:, 1].tolist())
         return SimpleNamespace(logits=self.table(input_ids[:, 1]))
 
 
@@ -40,9 +42,11 @@ def test_seq_cls_accuracy_loss_and_confusion(tiny_bert, batch_size):
             "labels": [label for _, label in ROWS],
         }
     )
-    got = evaluate_model(
-        FirstTokenClassifier(), rows, DataCollatorWithPadding(tok), get_task("seq_cls"), batch_size
-    )
+    model = FirstTokenClassifier()
+    got = evaluate_model(model, rows, DataCollatorWithPadding(tok), get_task("seq_cls"), batch_size)
+    # In the stored order (the tokenize stage sorts eval by length), batch_size rows at a time.
+    words = [w for w, _ in ROWS]
+    assert model.batches == [words[i : i + batch_size] for i in range(0, 7, batch_size)]
     # Predictions: 7 -> 0, 8 -> 1, 9 -> 2; right on rows 0, 1, 2, 5, 6.
     losses = [-torch.log_softmax(torch.tensor(LOGITS[w]), -1)[label].item() for w, label in ROWS]
     assert got["accuracy"] == 5 / 7
