@@ -32,3 +32,17 @@ test-fast: install
 
 bench: install
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/run.py
+
+# Mutation testing of the core modules (not in CI; ~30 min on 2 cores, see README "Mutation
+# testing"). Config in pyproject.toml [tool.mutmut]; each mutant runs only the fast tests that
+# call the mutated function. Of training.py only the sampler and the NaN guard are mutated.
+# mutants/ is mutmut's working copy; .dvc/ is made first as mutmut copies .dvc/config into it.
+# One OpenMP thread: mutmut forks a child per mutant, and torch's thread pool deadlocks in a fork.
+MUTATE := 'lorapipe.merge.*' 'lorapipe.metrics.*' 'lorapipe.tasks.*' 'lorapipe.io.*' \
+	'lorapipe.config.*' 'lorapipe.lora.*' 'lorapipe.plan.*' 'lorapipe.card.*' \
+	'lorapipe.training.xǁLengthBucketSamplerǁ*' 'lorapipe.training.xǁGuardedTrainerǁtraining_step*'
+.PHONY: mutate
+mutate: install
+	rm -rf mutants && mkdir -p mutants/.dvc
+	OMP_NUM_THREADS=1 PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/mutmut run --max-children 2 $(MUTATE)
+	$(VENV)/bin/mutmut results

@@ -72,6 +72,22 @@ def test_equal_accuracies_at_the_majority_rate_are_inconclusive():
     assert verdicts["causal_speedup_256"]["met"] is None
 
 
-def test_cpu_busy_fraction_is_a_fraction():
+def test_cpu_busy_fraction_is_the_busy_share_of_the_interval(monkeypatch):
+    # /proc/stat's first line: user nice system idle iowait irq softirq steal guest guest_nice
+    stats = iter(["cpu 100 0 100 700 100 0 0 0 0 0\n", "cpu 160 0 140 800 100 0 0 0 0 0\n"])
+    monkeypatch.setattr(bench.Path, "read_text", lambda self: next(stats))
+    monkeypatch.setattr(bench.time, "sleep", lambda s: None)
+    assert bench.cpu_busy_fraction(0.1) == 0.5  # 100 busy ticks of the 200 that went by
+
+
+def test_cpu_busy_fraction_reads_this_machine():
     busy = bench.cpu_busy_fraction(0.2)
-    assert busy is None or 0.0 <= busy <= 1.0
+    assert isinstance(busy, float) and 0.0 <= busy <= 1.0  # Linux: never None here
+
+
+def test_cpu_busy_fraction_is_none_without_proc_stat(monkeypatch):
+    def missing(self):
+        raise FileNotFoundError(self)
+
+    monkeypatch.setattr(bench.Path, "read_text", missing)
+    assert bench.cpu_busy_fraction(0.0) is None

@@ -9,7 +9,9 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lorapipe.config import parse_params
+from lorapipe.merge import _logits
 from lorapipe.metrics import evaluate_model
+from lorapipe.modeling import load_tokenizer, load_with_adapter
 from lorapipe.pipeline import run_all
 from lorapipe.recipes import recipe_params
 from lorapipe.tasks import get_task
@@ -77,11 +79,35 @@ def test_real_smollm2_in_4bit_trains_and_merges(tmp_path):
     raw["tokenize"]["max_length"] = 128
     raw["train"].update(max_steps=4, logging_steps=1, save_steps=2)
     raw["evaluate"].update(num_samples=1, max_new_tokens=8)
-    result = run_all(parse_params(raw), tmp_path)
+    # fp32 rounding alone moves SmolLM2's logits (|logit| up to ~43) by 6.6e-5..7.9e-5, with the
+    # batch order the adapter was trained in: the stage must not fail on that. What the check
+    # must catch is a wrong merge, which moves logits by a share of the adapter's own effect
+    # (~4 after 4 steps): asserted below against both scales, with margins of 5x and 50x.
+    raw["merge"]["tolerance"] = 1e-3
+    p = parse_params(raw)
+    result = run_all(p, tmp_path)
     assert result["train"]["compute_dtype"] == "float32"  # CPU: fp32 compute for 4-bit
     metrics = result["eval"]
     assert metrics["tuned"]["perplexity"] < metrics["base"]["perplexity"]
     merge = result["merge"]
-    assert merge["passed"] and merge["max_abs_logit_diff"] <= 1e-4
+    assert merge["passed"]
     # the quantized base the adapter was trained on differs more than the fp32 merge does
     assert merge["max_abs_logit_diff_vs_quantized"] > merge["max_abs_logit_diff"]
+    # The merge error is rounding (relative 1e-5: fp32 eps times the depth), and a merge that
+    # lost or doubled even 0.1 % of B·A would move the logits by more than it does.
+    task, tok = get_task(p.task), load_tokenizer(p)
+    rows = datasets.load_from_disk(str(tmp_path / "tokenized"))["eval"]
+    rows = rows.select(range(merge["probe_rows"])).remove_columns("length")
+    probe = task.collator(tok, p)(list(rows))
+    model = load_with_adapter(p, tmp_path / "adapter", quantized=False)
+    tuned = _logits(model, probe)
+    with model.disable_adapter():
+        base = _logits(model, probe)
+    effect = (tuned - base).abs().max().item()
+    scale = tuned.abs().max().item()
+    print(
+        f"merge diff {merge['max_abs_logit_diff']:.3g}, adapter effect {effect:.3g}, "
+        f"max |logit| {scale:.3g}"
+    )
+    assert merge["max_abs_logit_diff"] <= 1e-5 * scale
+    assert merge["max_abs_logit_diff"] <= effect / 1000

@@ -1,15 +1,19 @@
 """h = Wx + b + (alpha/r)·B·A·x, checked on real PEFT layers of a tiny BERT."""
 
 import math
+from types import SimpleNamespace
 
+import datasets
+import pytest
 import torch
 import yaml
 from peft import get_peft_model
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorForSeq2Seq
 
 from lorapipe.config import parse_params
 from lorapipe.lora import lora_config
-from lorapipe.metrics import perplexity
+from lorapipe.metrics import evaluate_model, perplexity
+from lorapipe.tasks import get_task
 from tests.conftest import ROOT
 
 
@@ -51,10 +55,46 @@ def test_forward_and_merge_follow_the_formula(tiny_bert):
     torch.testing.assert_close(layer.base_layer.weight, merged_w)
 
 
-def test_perplexity_is_token_weighted_not_a_mean_of_batch_means():
-    batches = [(torch.tensor([2.0, 2.0, 2.0, 2.0]),), (torch.tensor([0.5]),)]
-    nll = sum(b[0].sum().item() for b in batches)
-    tokens = sum(len(b[0]) for b in batches)
-    assert math.isclose(perplexity(nll, tokens), math.exp(8.5 / 5))
-    mean_of_means = (2.0 + 0.5) / 2
-    assert not math.isclose(perplexity(nll, tokens), math.exp(mean_of_means))
+class TableLM(torch.nn.Module):
+    """A language model whose next-token logits depend only on the current token (a table)."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        self.table = torch.nn.Embedding.from_pretrained(table)
+
+    def forward(self, input_ids, attention_mask=None):
+        return SimpleNamespace(logits=self.table(input_ids))
+
+
+def nll_logits(nll: float) -> list[float]:
+    """Logits over 2 tokens that give token 0 exactly this negative log-likelihood."""
+    return [0.0, math.log(math.expm1(nll))]
+
+
+def test_perplexity_is_token_weighted_not_a_mean_of_batch_means(tiny_llama):
+    # From token 1 or 0 the next token 0 costs 2.0 nats, from token 2 it costs 0.5 nats.
+    model = TableLM(torch.tensor([nll_logits(2.0), nll_logits(2.0), nll_logits(0.5)]))
+    rows = datasets.Dataset.from_dict({"input_ids": [[1, 0, 0, 0, 0], [2, 0]]})
+    rows = rows.map(
+        lambda r: {"labels": r["input_ids"], "attention_mask": [1] * len(r["input_ids"])}
+    )
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    collator = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
+    task = get_task("causal_lm")
+    # One row per batch: 4 targets at 2.0, then 1 target at 0.5.
+    got = evaluate_model(model, rows, collator, task, batch_size=1)
+    assert got["tokens"] == 5
+    assert math.isclose(got["loss"], 8.5 / 5, rel_tol=1e-6)
+    assert math.isclose(got["perplexity"], math.exp(8.5 / 5), rel_tol=1e-6)
+    mean_of_batch_means = (2.0 + 0.5) / 2
+    assert not math.isclose(got["perplexity"], math.exp(mean_of_batch_means), rel_tol=1e-3)
+    # The same rows in one padded batch: padding is no target, the figure does not move.
+    together = evaluate_model(model, rows, collator, task, batch_size=2)
+    assert together["tokens"] == 5
+    assert math.isclose(together["perplexity"], got["perplexity"], rel_tol=1e-6)
+
+
+def test_perplexity_needs_a_target_token():
+    assert math.isclose(perplexity(3.0, 2), math.exp(1.5))
+    with pytest.raises(ValueError):
+        perplexity(0.0, 0)

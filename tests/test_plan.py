@@ -57,9 +57,24 @@ def test_bert_matches_peft_print(bert_counts: dict) -> None:
 def test_tutorial_figures_are_not_reachable(bert_counts: dict) -> None:
     # PEFT's "all" always includes the injected LoRA weights, so it exceeds the bare base.
     assert bert_counts["all"] > bert_counts["base_params"] == 109_483_778
-    # Every LoRA pair / bias on BERT's encoder is a multiple of 768; 590,848 is not, with or
-    # without the 1,538-parameter head.
-    assert 590_848 % 768 and (590_848 - 1_538) % 768
+    assert "296,450 || 109,780,228" in P.TUTORIAL_MISMATCH
+    assert P.peft_line(bert_counts).startswith(
+        "trainable params: 296,450 || all params: 109,780,228"
+    )
+    # The tutorial's 590,848 is no count PEFT gives for LoRA on BERT: not at the r that comes
+    # closest (16 on query+value: 589,824 + the 1,538 head), nor at any r on any of its targets.
+    config = P.load_model_config("bert-base-uncased")
+    r16 = P.count_trainable(config, **(BERT_SETUP | {"r": 16}))
+    assert (r16["lora_params"], r16["trainable"]) == (589_824, 591_362)
+    per_r = {}
+    for targets in (["query"], ["query", "value"], ["query", "key", "value"], ["dense"]):
+        counts = P.count_trainable(config, **(BERT_SETUP | {"r": 1, "target_modules": targets}))
+        assert counts["trainable"] - counts["lora_params"] == 1_538  # the head copy
+        assert counts["lora_params"] % 768 == 0
+        per_r[tuple(targets)] = counts["lora_params"]  # LoRA grows linearly in r
+    for lora_per_r in per_r.values():
+        for head in (0, 1_538):
+            assert (590_848 - head) % lora_per_r, lora_per_r
     assert len(P.TUTORIAL_MISMATCH.splitlines()) == 2
 
 
@@ -178,16 +193,14 @@ def test_rejects_bad_arguments(bert_counts: dict) -> None:
         P.estimate_memory(config, bert_counts, 3, 1, 8, False)
 
 
-def test_plan_of_the_packaged_default_matches_what_training_counted():
+def test_plan_of_the_packaged_default_matches_what_training_counts():
+    """The planner's counts against the model the train stage builds (not a committed report)."""
     from lorapipe.config import load_params
+    from lorapipe.modeling import load_for_training
     from tests.conftest import ROOT as root
 
     p = load_params(root / "params.yaml")
     config = P.load_model_config(p.model.name)  # pkg:… resolves to the package's folder
     counts = P.count_trainable(config, p.task, p.lora.r, p.lora.alpha, p.lora.target_modules)
-    trained = json.loads((root / "reports/train/metrics.json").read_text())
-    assert (
-        (counts["trainable"], counts["all"])
-        == (trained["trainable_params"], trained["all_params"])
-        == (74_498, 22_788_484)
-    )
+    trained = load_for_training(p).get_nb_trainable_parameters()  # what train() reports
+    assert (counts["trainable"], counts["all"]) == trained == (74_498, 22_788_484)

@@ -16,7 +16,6 @@ def perplexity(nll_sum: float, tokens: int) -> float:
     return math.exp(nll_sum / tokens)
 
 
-@torch.no_grad()
 def evaluate_model(
     model: torch.nn.Module, dataset: Any, collator: Any, task: Any, batch_size: int
 ) -> dict[str, Any]:
@@ -28,10 +27,12 @@ def evaluate_model(
     dataset = dataset.remove_columns([c for c in ("length",) if c in dataset.column_names])
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collator, shuffle=False)
     sums: dict[str, Any] = {}
-    for batch in loader:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        logits = model(**inputs).logits
-        for key, value in task.score_batch(logits, batch).items():
-            sums[key] = sums[key] + value if key in sums else value
+    # no_grad as a block, not a decorator: mutation testing (`make mutate`) skips decorated code.
+    with torch.no_grad():
+        for batch in loader:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            logits = model(**inputs).logits
+            for key, value in task.score_batch(logits, batch).items():
+                sums[key] = sums[key] + value if key in sums else value
     return task.summarize(sums)
