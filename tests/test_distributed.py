@@ -82,4 +82,3 @@ def test_two_ranks_match_one_with_the_same_effective_batch(tmp_path, no_dropout_
     b = load_file(one / "models/adapter/adapter_model.safetensors")
     for key in b:
         torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=1e-3)
-

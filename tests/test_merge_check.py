@@ -9,12 +9,13 @@ import torch
 import yaml
 from peft import get_peft_model
 from peft.tuners.lora import Linear as LoraLinear
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from lorapipe.config import UserError, parse_params, stage_params
 from lorapipe.lora import lora_config
 from lorapipe.merge import merge
 from lorapipe.modeling import load_with_adapter
+from lorapipe.runtime import resolve
 from lorapipe.tasks import get_task
 from lorapipe.training import TRAIN_KEYS
 from tests.conftest import ROOT
@@ -22,11 +23,11 @@ from tests.conftest import ROOT
 SENTENCES = ["a fine film", "dull", "not good at all, sadly", "a joy from start to end"] * 3
 
 
-def params(model, tolerance=1e-4, probe_size=8):
+def params(model, tolerance=1e-4, probe_size=8, min_top1=0.99):
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["model"]["name"] = str(model)
     raw["lora"]["dropout"] = 0.0
-    raw["merge"].update(tolerance=tolerance, probe_size=probe_size)
+    raw["merge"].update(tolerance=tolerance, probe_size=probe_size, min_top1_agreement=min_top1)
     return parse_params(raw)
 
 
@@ -66,27 +67,30 @@ def run_merge(p, root, out):
 
 
 def doubled_scaling_diff(p, root) -> float:
-    """Max |logits| difference between the adapter at alpha/r and at 2·alpha/r, on the probe."""
+    """Max |Δlogit| / max |logit| between the adapter at alpha/r and at 2·alpha/r, on the probe."""
     task, tok = get_task(p.task), AutoTokenizer.from_pretrained(p.model.name)
     rows = datasets.load_from_disk(str(root / "tokenized"))["eval"]
     rows = rows.select(range(min(p.merge.probe_size, len(rows)))).remove_columns("length")
     batch = task.collator(tok, p)(list(rows))
     batch.pop("labels")
-    model = load_with_adapter(p, root / "adapter", quantized=False)
+    rt = resolve(p, AutoConfig.from_pretrained(p.model.name))
+    model = load_with_adapter(p, rt, root / "adapter", tok.pad_token_id, quantized=False)
     with torch.no_grad():
         right = model(**batch).logits
         for module in model.modules():
             if isinstance(module, LoraLinear):
                 module.scaling["default"] *= 2
         wrong = model(**batch).logits
-    return (wrong - right).abs().max().item()
+    return ((wrong - right).abs().max() / right.abs().max()).item()
 
 
-def double_the_merged_delta(monkeypatch):
+def double_the_merged_delta(monkeypatch, factor=2):
     """A merge with the wrong scaling: W + 2·(alpha/r)·B·A folded into the weights."""
     get_delta_weight = LoraLinear.get_delta_weight
     monkeypatch.setattr(
-        LoraLinear, "get_delta_weight", lambda self, adapter: 2 * get_delta_weight(self, adapter)
+        LoraLinear,
+        "get_delta_weight",
+        lambda self, adapter: factor * get_delta_weight(self, adapter),
     )
 
 
@@ -117,7 +121,7 @@ def test_a_wrong_merge_is_refused_says_by_how_much_and_writes_nothing(
         run_merge(p, trained, tmp_path)
     message = str(info.value)
     assert "\n" not in message and "merge.tolerance" in message and "nothing" in message
-    said = float(re.search(r"by ([0-9.e+-]+)", message).group(1))
+    said = float(re.search(r"difference ([0-9.e+-]+)", message).group(1))
     assert said == pytest.approx(expected, rel=1e-2)
     left = sorted(x.name for x in tmp_path.iterdir())
     if previous:
@@ -133,10 +137,19 @@ def test_the_tolerance_decides(trained, tiny_bert, tmp_path, monkeypatch):
     """Just above the measured difference passes, just below refuses."""
     double_the_merged_delta(monkeypatch)
     diff = doubled_scaling_diff(params(tiny_bert), trained)
-    result = run_merge(params(tiny_bert, tolerance=diff * 1.01), trained, tmp_path / "a")
-    assert result["passed"] and result["max_abs_logit_diff"] == pytest.approx(diff, rel=1e-3)
+    result = run_merge(params(tiny_bert, diff * 1.01, min_top1=0), trained, tmp_path / "a")
+    assert result["passed"] and result["max_rel_logit_diff"] == pytest.approx(diff, rel=1e-3)
     with pytest.raises(UserError):
-        run_merge(params(tiny_bert, tolerance=diff * 0.99), trained, tmp_path / "b")
+        run_merge(params(tiny_bert, diff * 0.99, min_top1=0), trained, tmp_path / "b")
+
+
+def test_top1_agreement_decides_too(trained, tiny_bert, tmp_path, monkeypatch):
+    double_the_merged_delta(monkeypatch, factor=-20)  # the delta reversed: predictions flip
+    result = run_merge(params(tiny_bert, 10.0, min_top1=0), trained, tmp_path / "a")
+    assert result["top1_agreement"] < 1  # the doubled delta flips some predictions
+    strict = params(tiny_bert, 10.0, min_top1=result["top1_agreement"] + 1e-6)
+    with pytest.raises(UserError, match="top-1 agreement"):
+        run_merge(strict, trained, tmp_path / "b")
 
 
 def test_the_probe_is_the_first_probe_size_eval_rows(trained, tiny_bert, tmp_path):

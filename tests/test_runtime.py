@@ -206,4 +206,4 @@ def test_a_bf16_checkpoint_is_merged_saved_and_verified_in_bf16(tiny_llama, tmp_
     assert [(s["device"], s["dtype"]) for s in sides] == [("cpu", "bfloat16")] * 2
     assert result["train"]["base_dtype"] == "float32"  # trained on this CPU in fp32
     with safe_open(tmp_path / "run/merged/model.safetensors", "pt") as f:
-        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}  # noqa: SIM118

@@ -110,7 +110,9 @@ class MergeParams(_Section):
     tolerance: Literal["auto"] | Annotated[float, Field(gt=0)] = Field(
         "auto", description="max logit difference relative to the largest; auto: by dtype"
     )
-    min_top1_agreement: float = Field(0.99, ge=0, le=1)
+    min_top1_agreement: Literal["auto"] | Annotated[float, Field(ge=0, le=1)] = Field(
+        "auto", description="share of probe positions whose argmax is unchanged; auto: by dtype"
+    )
     probe_size: int = Field(8, gt=0)
 
 

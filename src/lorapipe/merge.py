@@ -34,10 +34,15 @@ MERGE_KEYS = [
     "merge.min_top1_agreement",
     "merge.probe_size",
 ]
-# merge.tolerance: auto, per dtype: the relative max logit difference that rounding alone
-# reaches. fp32 merges measure ~3e-7 (MiniLM) and ~3e-6 (SmolLM2-135M); a bf16 merge rounds W'
-# to 8 bits of mantissa once per weight: ~1e-2 on SmolLM2 (README, "Merge check").
-AUTO_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-1, torch.float16: 5e-2}
+# `auto` thresholds per dtype: (relative max logit difference, top-1 agreement) that rounding
+# alone stays within. Measured: fp32 merges 3e-7 (MiniLM) and 2e-6 (SmolLM2-135M), agreement 1;
+# a bf16 SmolLM2-135M merge 3.6e-2 and 0.966 (W' is rounded to 8 mantissa bits once, which
+# flips near-tied tokens). fp16 has 3 more mantissa bits than bf16; not measured here.
+AUTO = {
+    torch.float32: (1e-4, 0.99),
+    torch.bfloat16: (1e-1, 0.9),
+    torch.float16: (5e-2, 0.95),
+}
 
 
 @torch.no_grad()
@@ -96,10 +101,13 @@ def merge(
     peft_model = load_with_adapter(p, mrt, adapter, tok.pad_token_id, quantized=False)
     expected = _scored(_logits(peft_model, probe), probe)
     merged = peft_model.merge_and_unload()
-    tolerance = AUTO_TOLERANCE[mrt.base_dtype] if p.merge.tolerance == "auto" else p.merge.tolerance
+    auto_tolerance, auto_top1 = AUTO[mrt.base_dtype]
+    m = p.merge
+    tolerance = auto_tolerance if m.tolerance == "auto" else m.tolerance
+    min_top1 = auto_top1 if m.min_top1_agreement == "auto" else m.min_top1_agreement
     result: dict[str, Any] = {
         "tolerance": tolerance,
-        "min_top1_agreement": p.merge.min_top1_agreement,
+        "min_top1_agreement": min_top1,
         "probe_rows": len(probe_rows),
         "expected": _side("base + adapter, unmerged", mrt),
         "merged": _side("the saved merged folder, reloaded", mrt),
@@ -124,15 +132,14 @@ def merge(
             result["max_abs_logit_diff_vs_quantized"] = (got - expected).abs().max().item()
             result["quantized"] = _side("k-bit base + adapter (as trained)", rt)
         result["passed"] = (
-            result["max_rel_logit_diff"] <= tolerance
-            and result["top1_agreement"] >= p.merge.min_top1_agreement
+            result["max_rel_logit_diff"] <= tolerance and result["top1_agreement"] >= min_top1
         )
         if not result["passed"]:
             raise UserError(
                 f"merge: the merged model differs from base + adapter: relative max logit "
                 f"difference {result['max_rel_logit_diff']:.3g} (merge.tolerance {tolerance:g}), "
                 f"top-1 agreement {result['top1_agreement']:.3f} (merge.min_top1_agreement "
-                f"{p.merge.min_top1_agreement:g}); nothing was written"
+                f"{min_top1:g}); nothing was written"
             )
         metrics = {"train": read_json(train_metrics), "merge": result}
         trained_with = read_json(adapter / "lorapipe_params.json")

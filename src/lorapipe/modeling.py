@@ -65,7 +65,7 @@ def load_base(
     """The base on this rank's device, in the runtime's dtype; k-bit when params ask and
     `quantized`, else full precision (the merge's case)."""
     task = get_task(p.task)
-    quant = bnb_config(p.quant, rt.compute_dtype) if quantized else None
+    quant = bnb_config(p.quant, rt.compute_dtype, task.kbit_skip_modules) if quantized else None
     model = task.auto_model.from_pretrained(
         resolve_model(p.model.name),
         dtype=rt.base_dtype,

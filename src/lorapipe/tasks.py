@@ -49,6 +49,8 @@ class SeqCls:
     peft_task_type: ClassVar[TaskType] = TaskType.SEQ_CLS
     metric: ClassVar[str] = "accuracy"
     token_weighted_loss: ClassVar[bool] = False
+    # The new head trains (a PEFT modules_to_save copy): bitsandbytes must leave it a Linear.
+    kbit_skip_modules: ClassVar[list[str] | None] = ["classifier", "score"]
 
     def model_kwargs(self, data: DataParams) -> dict[str, Any]:
         return {"num_labels": data.num_labels}
@@ -115,6 +117,7 @@ class CausalLM:
     peft_task_type: ClassVar[TaskType] = TaskType.CAUSAL_LM
     metric: ClassVar[str] = "perplexity"
     token_weighted_loss: ClassVar[bool] = True
+    kbit_skip_modules: ClassVar[list[str] | None] = None  # transformers' own list (lm_head)
     compute_metrics: ClassVar[None] = None  # eval loss only: logits over a vocab are too big
 
     def model_kwargs(self, data: DataParams) -> dict[str, Any]:
