@@ -138,8 +138,9 @@ def plain_side(p: Any, rt: Runtime, data: datasets.Dataset, window: Any, switche
     )
     if quant is not None:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc)
-    elif gc:
+    elif gc:  # what prepare_model_for_kbit_training does about checkpointing, as scripts copy it
         model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
     lora = LoraConfig(
         r=p.lora.r,
         lora_alpha=p.lora.alpha,
@@ -156,6 +157,7 @@ def plain_side(p: Any, rt: Runtime, data: datasets.Dataset, window: Any, switche
             max_steps=p.train.max_steps,
             learning_rate=p.train.learning_rate,
             bf16=True,
+            use_cpu=rt.machine.accelerator == "cpu",  # the tests' CPU run; False on a GPU
             save_strategy="no",
             report_to="none",
             logging_steps=10_000,
@@ -183,7 +185,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--liger", action="store_true")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--out", type=Path)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.warmup < 1 or args.steps < 1:
+        parser.error("--warmup and --steps must be at least 1 (each window end is a synced step)")
+    return args
 
 
 def measure(a: argparse.Namespace) -> dict[str, Any]:
