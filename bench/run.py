@@ -1,6 +1,6 @@
 """Benchmark: this pipeline against the tutorial style, and its precision and GPU choices.
 
-    python bench/run.py            # every section (sized for ~15 minutes on 2 idle cores)
+    python bench/run.py            # every section (~13 min on 2 idle cores + precision's runs)
     python bench/run.py --quick    # a smoke run (a few minutes); its numbers are not meaningful
     python bench/run.py --only precision     # some sections only
 

@@ -75,7 +75,7 @@ def test_gpu_targets_take_the_worst_cell():
     assert gpu.summarize([]) == {"bf16_lora_mfu_min": None, "qlora_speedup_min": None}
 
 
-def test_precision_keeps_fp32_unless_bf16_pays_within_half_a_point():
+def test_precision_keeps_fp32_unless_bf16_pays_within_half_a_point_after_learning():
     fp32 = {"samples_per_s": 40.0, "accuracy": 0.80}
     assert precision.decide(fp32, {"samples_per_s": 60.0, "accuracy": 0.797})["decision"] == "bf16"
     slower = precision.decide(fp32, {"samples_per_s": 41.0, "accuracy": 0.80})
@@ -83,6 +83,9 @@ def test_precision_keeps_fp32_unless_bf16_pays_within_half_a_point():
     worse = precision.decide(fp32, {"samples_per_s": 60.0, "accuracy": 0.794})
     assert worse["accuracy_drop_points"] == 0.6
     assert worse["decision"] == "fp32"
+    plateau = {"samples_per_s": 60.0, "accuracy": 0.5206}
+    stuck = precision.decide({**fp32, "accuracy": 0.5206}, plateau, majority=0.5092)
+    assert stuck["decision"] == "fp32" and "inconclusive" in stuck["note"]
 
 
 @pytest.mark.parametrize("side", ["pipeline", "plain"])
