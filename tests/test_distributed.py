@@ -33,6 +33,7 @@ def train_run(path, model, processes: int, batch_size: int, **extra):
             "data.max_train_rows": 64,
             "data.max_eval_rows": 16,
             "lora.dropout": 0.0,
+            "train.mixed_precision": "no",  # fp32: the ranks' sum must match to 1e-4
             "train.batch_size": batch_size,
             "train.num_processes": processes,
             # rank r takes rows r, r+2, ...: the two ranks' batches together are the 1-rank batch

@@ -159,15 +159,20 @@ def test_plan_reports_evaluation_memory_and_the_runtime(capsys):
     assert "unknown machine 'v100'" in capsys.readouterr().err
 
 
-def test_cpu_machine_is_fp32_without_autocast():
-    cpu = Machine("cpu", "cpu", 1, memory_gb=24, bf16=True)  # even with AVX512-BF16
-    rt = resolve(params(), Config(), cpu)
+def test_cpu_base_is_fp32_with_bf16_autocast_where_the_cpu_has_it():
+    plain = Machine("cpu", "cpu", 1, memory_gb=24, bf16=False)
+    native = dataclasses.replace(plain, bf16=True)  # AVX512-BF16 / AMX: the benchmark's choice
+    rt = resolve(params(), Config(), native)
     assert (rt.base_dtype, rt.mixed_precision, rt.device, rt.device_map) == (
         torch.float32,
-        "no",
+        "bf16",
         "cpu",
         None,
     )
+    assert resolve(params(), Config(), plain).mixed_precision == "no"
+    # k-bit: fp32 compute and no autocast (bitsandbytes' bf16 CPU kernels are ~20x slower)
+    kbit = resolve(params(**{"quant.bits": 4}), Config(), native)
+    assert (kbit.compute_dtype, kbit.mixed_precision) == (torch.float32, "no")
 
 
 def test_the_nan_guard_never_reads_the_loss_on_the_host_per_micro_step():

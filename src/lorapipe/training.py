@@ -300,7 +300,7 @@ def train(
 ) -> dict[str, Any]:
     """Train LoRA on `tokenized`; write the adapter, the final checkpoint and DVCLive logs.
 
-    `callbacks` are added to the stage's own (bench/run.py measures the stage with one). `rt`:
+    `callbacks` are added to the stage's own (bench/harness.py measures the stage with one). `rt`:
     the stage's resolved runtime (resolved for this machine when not given).
     """
     task = get_task(p.task)

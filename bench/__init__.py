@@ -1,0 +1,1 @@
+"""The benchmark: one module per section (see run.py), run as `python bench/run.py`."""
