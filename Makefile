@@ -19,16 +19,16 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 repro: install
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH dvc repro
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc repro
 
 test: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q
 
 # The same without the tests marked slow (a killed run, real 4-bit SmolLM2, two ranks).
 test-fast: install
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q -m "not slow"
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q -m "not slow"
 
 bench: install
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/run.py
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) bench/run.py

@@ -6,10 +6,11 @@ Named tokenize_data.py: a script called tokenize.py would shadow the standard li
 from pathlib import Path
 
 from lorapipe import stage
-from lorapipe.data import tokenize
 
 
 def main(p):
+    from lorapipe.data import tokenize  # after params are valid: torch takes seconds
+
     meta = tokenize(p, Path("data/tokenized"))
     print(f"tokenized {meta['rows']} rows, {meta['tokens']} tokens")
 

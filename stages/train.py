@@ -3,12 +3,14 @@
 from pathlib import Path
 
 from lorapipe import stage
-from lorapipe.launch import relaunch
-from lorapipe.modeling import preflight
-from lorapipe.training import train
 
 
 def main(p):
+    # After params are valid: torch, transformers and peft take seconds to import.
+    from lorapipe.launch import relaunch
+    from lorapipe.modeling import preflight
+    from lorapipe.training import train
+
     preflight(p)  # shape-only checks (target modules, bitsandbytes) before any weight loads
     if relaunch(p, __file__):  # train.num_processes > 1: this script ran again on every rank
         return
@@ -24,4 +26,9 @@ def main(p):
 
 
 if __name__ == "__main__":
-    stage.run(main)
+    stage.run(
+        main,
+        tracked_outs=["reports/train"],
+        interrupted="the newest complete checkpoint in models/.work/ is kept; "
+        f"{stage.RESUME} from it",
+    )
