@@ -9,7 +9,10 @@ from lorapipe import stage
 
 
 def main(p):
-    from lorapipe.data import tokenize  # after params are valid: torch takes seconds
+    from lorapipe.sources import check_data
+
+    check_data(p)  # the data files and their columns, before torch takes seconds to load
+    from lorapipe.data import tokenize
 
     meta = tokenize(p, Path("data/tokenized"))
     print(f"tokenized {meta['rows']} rows, {meta['tokens']} tokens")

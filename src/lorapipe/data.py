@@ -12,7 +12,7 @@ import datasets
 from lorapipe.config import Params, UserError, stage_params
 from lorapipe.io import atomic_dir, write_json
 from lorapipe.modeling import check_max_length, load_config, load_tokenizer
-from lorapipe.sources import load_rows, require_columns, task_columns
+from lorapipe.sources import check_data, load_rows, require_columns, task_columns
 from lorapipe.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -112,6 +112,7 @@ def label_counts(labels: list[int], num_labels: int, where: str) -> dict[str, in
 
 def tokenize(p: Params, out: Path) -> dict[str, Any]:
     """Tokenize train and eval into `out` (a DatasetDict) with a meta.json of what made it."""
+    check_data(p)  # a missing file or column in one line, before the model's config loads
     check_max_length(p, load_config(p))
     task, tok = get_task(p.task), load_tokenizer(p)
     train_rows, eval_rows = _split(p)
