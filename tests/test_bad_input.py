@@ -171,7 +171,10 @@ def test_dvc_exp_run_with_a_bad_value_explains_the_changed_params(tmp_path):
     ("content", "message"),
     [
         (b"sentence\tlabel\ngood\t1\nna\xefve\t0\n", "not UTF-8 text at line 3, column 3"),
-        (b"sentence\tlabel\n\xe2\x80\x9cok\xe2\x80\x9d \xff\t1\n", "at line 2, column 6"),
+        (
+            b"sentence\tlabel\n\xe2\x80\x9cok\xe2\x80\x9d \xff\t1\n",
+            "not UTF-8 text at line 2, column 6",
+        ),
     ],
 )
 def test_non_utf8_data_names_line_and_column(tmp_path, content, message):
