@@ -462,3 +462,27 @@ def test_ctrl_c_in_dvc_repro_is_one_line_and_keeps_the_reports(tiny_bert, tmp_pa
         ["git", "status", "--porcelain", "reports"], cwd=project, capture_output=True, text=True
     )
     assert status.stdout == ""  # the committed reports, as they were before the run
+
+
+def test_transformers_load_report_is_kept_out_of_stage_output(tiny_bert, tmp_path):
+    # MiniLM ships no classifier: transformers reports the new head as MISSING on every load.
+    from transformers import AutoModel, AutoTokenizer
+
+    headless = tmp_path / "headless"
+    AutoModel.from_pretrained(tiny_bert).save_pretrained(headless)
+    AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(headless)
+    code = (
+        "import sys\n"
+        "from lorapipe.stage import quiet_libraries\n"
+        "quiet_libraries()\n"
+        "from transformers import AutoModelForSequenceClassification\n"
+        "AutoModelForSequenceClassification.from_pretrained(sys.argv[1])\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(headless)],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT / "src")},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "MISSING" not in proc.stderr and "newly initialized" not in proc.stderr, proc.stderr
