@@ -167,7 +167,7 @@ def _header(path: Path, text: str, field: str) -> list[str]:
     if path.suffix == ".txt":
         return ["text"]
     if path.suffix in (".tsv", ".csv"):
-        first = text.split("\n", 1)[0].rstrip("\r")
+        first = text.split("\n", 1)[0].rstrip("\r").lstrip("\ufeff")  # pandas drops a BOM
         return next(csv.reader([first], delimiter="\t" if path.suffix == ".tsv" else ","))
     try:
         if path.suffix == ".jsonl":
