@@ -19,19 +19,19 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 repro: install
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH dvc repro
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc repro
 
 test: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q
 
 # The same without the tests marked slow (a killed run, real 4-bit SmolLM2, two ranks).
 test-fast: install
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q -m "not slow"
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q -m "not slow"
 
 bench: install
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/run.py
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) bench/run.py
 
 # Mutation testing of the core modules (not in CI; ~30 min on 2 cores, see README "Mutation
 # testing"). Config in pyproject.toml [tool.mutmut]; each mutant runs only the fast tests that
@@ -44,10 +44,10 @@ MUTATE := 'lorapipe.merge.*' 'lorapipe.metrics.*' 'lorapipe.tasks.*' 'lorapipe.i
 .PHONY: mutate
 mutate: install
 	rm -rf mutants && mkdir -p mutants/.dvc
-	OMP_NUM_THREADS=1 PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/mutmut run --max-children 2 $(MUTATE)
+	OMP_NUM_THREADS=1 PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/mutmut run --max-children 2 $(MUTATE)
 	$(VENV)/bin/mutmut results
 
 # On a machine with CUDA: the offline SmolLM2 recipe through `dvc repro` as bf16 LoRA and as
 # 4-bit QLoRA, figures next to the CPU run's. Without CUDA it refuses (exit 2).
 gpu-check: install
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/gpu_check.py
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) bench/gpu_check.py

@@ -3,10 +3,11 @@
 from pathlib import Path
 
 from lorapipe import stage
-from lorapipe.evaluation import evaluate
 
 
 def main(p):
+    from lorapipe.evaluation import evaluate  # after params are valid: torch takes seconds
+
     metrics = evaluate(
         p,
         Path("data/tokenized"),
@@ -18,4 +19,4 @@ def main(p):
 
 
 if __name__ == "__main__":
-    stage.run(main)
+    stage.run(main, tracked_outs=["reports/eval.json"])

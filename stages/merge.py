@@ -3,10 +3,11 @@
 from pathlib import Path
 
 from lorapipe import stage
-from lorapipe.merge import merge
 
 
 def main(p):
+    from lorapipe.merge import merge  # after params are valid: torch takes seconds
+
     result = merge(
         p,
         Path("data/tokenized"),
@@ -19,4 +20,4 @@ def main(p):
 
 
 if __name__ == "__main__":
-    stage.run(main)
+    stage.run(main, tracked_outs=["reports/merge.json"])

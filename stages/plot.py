@@ -3,12 +3,13 @@
 from pathlib import Path
 
 from lorapipe import stage
-from lorapipe.plots import plot_training
 
 
 def main(p):
+    from lorapipe.plots import plot_training  # after params are valid
+
     print(plot_training(Path("reports/train/plots/metrics"), Path("reports/figures")))
 
 
 if __name__ == "__main__":
-    stage.run(main)
+    stage.run(main, tracked_outs=["reports/figures"])

@@ -2,13 +2,16 @@
 
 from pathlib import Path
 
-from lorapipe import runtime, stage
-from lorapipe.launch import relaunch
-from lorapipe.modeling import preflight
-from lorapipe.training import train
+from lorapipe import stage
 
 
 def main(p):
+    # After params are valid: torch, transformers and peft take seconds to import.
+    from lorapipe import runtime
+    from lorapipe.launch import relaunch
+    from lorapipe.modeling import preflight
+    from lorapipe.training import train
+
     config = preflight(p)  # shape-only checks (target modules, bitsandbytes) before any weights
     # train.num_processes > 1 (or auto on several GPUs): this script runs again on every rank.
     if relaunch(p, __file__, runtime.world_size(p, runtime.device_count())):
@@ -26,4 +29,9 @@ def main(p):
 
 
 if __name__ == "__main__":
-    stage.run(main)
+    stage.run(
+        main,
+        tracked_outs=["reports/train"],
+        interrupted="the newest complete checkpoint in models/.work/ is kept; "
+        f"{stage.RESUME} from it",
+    )

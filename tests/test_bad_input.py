@@ -1,16 +1,24 @@
 """Bad input is refused before heavy work, in one line, leaving nothing half-written."""
 
 import json
+import logging
+import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
 
 import pytest
 
+from lorapipe.cli import main
 from lorapipe.config import UserError, parse_params
 from lorapipe.data import tokenize
 from lorapipe.modeling import preflight
-from tests.conftest import ROOT, make_project, set_params
+from lorapipe.sources import load_rows
+from tests.conftest import ROOT, dvc, make_project, set_params
+
+STAGES = ["tokenize_data.py", "train.py", "evaluate.py", "merge.py", "plot.py"]
 
 
 def params_with(model, **changes):
@@ -76,3 +84,405 @@ def test_stage_scripts_exit_2_with_one_line(tmp_path, change, message):
     assert len(lines) == 1 and lines[0].startswith(message), proc.stderr
     assert time.perf_counter() - start < 60
     assert not (project / "data/tokenized").exists()
+
+
+HEAVY = ("torch", "transformers", "peft", "datasets", "bitsandbytes")
+
+
+def light_run(cwd, *argv, env=None):
+    """Run a stage script or `lorapipe ...` and report which heavy libraries it imported."""
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = {list(argv)!r}\n"
+        "try:\n"
+        "    if sys.argv[0].endswith('.py'):\n"
+        "        runpy.run_path(sys.argv[0], run_name='__main__')\n"
+        "    else:\n"
+        "        from lorapipe.cli import main\n"
+        "        main(sys.argv[1:])\n"
+        "finally:\n"
+        f"    print('imported:', *[m for m in {HEAVY!r} if m in sys.modules])\n"
+    )
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT / "src"), **(env or {})}
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, env=env
+    )
+    return proc, time.perf_counter() - start
+
+
+def error_lines(proc):
+    return [x for x in proc.stderr.splitlines() if x.strip()]
+
+
+def write_params(folder, **changes):
+    import yaml
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for dotted, value in changes.items():
+        section, key = dotted.split(".")
+        raw[section][key] = value
+    (folder / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        *([str(ROOT / "stages" / s)] for s in STAGES),
+        ["lorapipe", "check"],
+        ["lorapipe", "predict"],
+    ],
+    ids=[*STAGES, "check", "predict"],
+)
+def test_params_error_comes_before_torch_loads(tmp_path, argv):
+    write_params(tmp_path, **{"lora.r": 0})
+    proc, seconds = light_run(tmp_path, *argv)
+    assert proc.returncode == 2, proc.stderr
+    assert error_lines(proc) == [
+        "error: params.yaml: lora.r: Input should be greater than 0 (got 0)"
+    ]
+    assert proc.stdout.strip() == "imported:", f"{proc.stdout} after {seconds:.1f} s"
+
+
+def test_dvc_exp_run_error_says_how_to_restore_params(tmp_path):
+    write_params(tmp_path, **{"lora.r": 0})
+    script = str(ROOT / "stages/train.py")
+    env = {"DVC_EXP_NAME": "exp-1", "DVC_ROOT": str(tmp_path)}
+    proc, _ = light_run(tmp_path, script, env=env)
+    assert proc.returncode == 2
+    lines = error_lines(proc)
+    assert len(lines) == 2 and lines[0].endswith("lora.r: Input should be greater than 0 (got 0)")
+    assert "`git checkout params.yaml`" in lines[1] and "dvc exp run --temp" in lines[1]
+    # A --temp or queued experiment runs in a copy: the workspace's params.yaml is untouched.
+    proc, _ = light_run(tmp_path, script, env={**env, "DVC_ROOT": str(ROOT)})
+    assert "params.yaml is unchanged" in error_lines(proc)[1]
+
+
+def test_dvc_exp_run_with_a_bad_value_explains_the_changed_params(tmp_path):
+    project = make_project(tmp_path)
+    proc = dvc("exp", "run", "-S", "lora.r=0", cwd=project, check=False)
+    assert proc.returncode != 0
+    assert "error: params.yaml: lora.r: Input should be greater than 0" in proc.stderr
+    assert "`git checkout params.yaml`" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"sentence\tlabel\ngood\t1\nna\xefve\t0\n", "not UTF-8 text at line 3, column 3"),
+        (
+            b"sentence\tlabel\n\xe2\x80\x9cok\xe2\x80\x9d \xff\t1\n",
+            "not UTF-8 text at line 2, column 6",
+        ),
+    ],
+)
+def test_non_utf8_data_names_line_and_column(tmp_path, content, message):
+    path = tmp_path / "train.tsv"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=f"data.train: {path}: {message}$"):
+        load_rows(str(path), "data.train")
+
+
+def test_a_directory_is_named_as_one(tmp_path):
+    with pytest.raises(UserError, match=rf"data.train: {tmp_path} is a directory; name a file"):
+        load_rows(str(tmp_path), "data.train")
+
+
+def _check(tmp_path, capsys, **changes):
+    import yaml
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for dotted, value in changes.items():
+        section, key = dotted.split(".")
+        raw[section][key] = value
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(SystemExit) as code:
+        main(["check", "--params", str(path)])
+    assert code.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_check_reads_every_data_files_header(tmp_path, capsys, monkeypatch):
+    import lorapipe.modeling
+
+    def no_model(p):
+        raise AssertionError("the data must be checked before the model")
+
+    monkeypatch.setattr(lorapipe.modeling, "preflight", no_model)
+    (tmp_path / "text.tsv").write_text("text\tlabel\nfine\t1\n")
+    (tmp_path / "qa.jsonl").write_text('\n{"question": "q", "output": "a"}\n')
+    sst2 = str(ROOT / "data/raw/sst2/train.tsv")
+    cases = [
+        (
+            {"data.train": str(tmp_path / "text.tsv")},
+            "error: data.train: no 'sentence' column (set data.text_field; "
+            "columns: ['text', 'label'])",
+        ),
+        ({"data.train": str(tmp_path)}, f"error: data.train: {tmp_path} is a directory"),
+        ({"data.eval": "data/raw/nope.tsv"}, "error: data.eval: file not found: data/raw/nope"),
+        (
+            {"data.train": sst2, "data.label_field": "polarity"},
+            "error: data.train: no 'polarity' column (set data.label_field;",
+        ),
+    ]
+    for changes, message in cases:
+        assert _check(tmp_path, capsys, **changes).startswith(message)
+    line = _check(tmp_path, capsys, **{"data.train": str(tmp_path / "qa.jsonl")})
+    assert line.startswith("error: data.train: no 'sentence' column")
+
+
+def test_check_says_ok_for_each_data_file(tiny_bert, tmp_path, capsys, monkeypatch):
+    write_params(tmp_path, **{"model.name": str(tiny_bert)})
+    shutil.copytree(ROOT / "data/raw", tmp_path / "data/raw")
+    monkeypatch.chdir(tmp_path)
+    main(["check"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[1:] == [
+        "ok: data.train: data/raw/sst2/train.tsv (5001 lines)",
+        "ok: data.eval: data/raw/sst2/dev.tsv (873 lines)",
+    ]
+
+
+def _tsv(path, rows):
+    path.write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows))
+    return str(path)
+
+
+def test_blank_texts_are_dropped_and_counted(tiny_bert, tmp_path, caplog):
+    train = [("good film", 1), ("  ", 0), ("bad film", 0), (" ", 1)]
+    train += [(f"row {i}", i % 2) for i in range(20)]
+    evaluation = [("good film", 1), ("new one", 0), ("   ", 1), ("another", 1)]
+    p = params_with(
+        tiny_bert,
+        **{
+            "data.train": _tsv(tmp_path / "t.tsv", train),
+            "data.eval": _tsv(tmp_path / "e.tsv", evaluation),
+        },
+    )
+    with caplog.at_level(logging.INFO, logger="lorapipe"):
+        meta = tokenize(p, tmp_path / "tokenized")
+    assert meta["dropped_blank_rows"] == {"train": 2, "eval": 1}
+    assert meta["rows"] == {"train": 22, "eval": 3}
+    assert json.loads((tmp_path / "tokenized/meta.json").read_text())["dropped_blank_rows"] == {
+        "train": 2,
+        "eval": 1,
+    }
+    log = caplog.text
+    assert "data.train: dropped 2 of 24 rows whose text is blank" in log
+    assert "data.eval: dropped 1 of 4 rows whose text is blank" in log
+    # Leakage: "good film" is in both.
+    assert meta["eval_rows_in_train"] == 1
+    assert "1 of 3 eval rows also appear verbatim in data.train" in log
+    assert meta["labels"] == {"train": {"0": 11, "1": 11}, "eval": {"0": 1, "1": 2}}
+    assert "data.train labels: 0: 11 (50.0 %), 1: 11 (50.0 %)" in log
+
+
+def test_a_missing_or_rare_class_is_a_loud_warning(tiny_bert, tmp_path, caplog):
+    train = [(f"row {i}", 1) for i in range(150)] + [("the only zero", 0)]
+    evaluation = [(f"eval {i}", 1) for i in range(5)]
+    p = params_with(
+        tiny_bert,
+        **{
+            "data.train": _tsv(tmp_path / "t.tsv", train),
+            "data.eval": _tsv(tmp_path / "e.tsv", evaluation),
+        },
+    )
+    with caplog.at_level(logging.INFO, logger="lorapipe"):
+        meta = tokenize(p, tmp_path / "tokenized")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        "data.train: label 0 has 1 of 151 rows (under 1 %)",
+        "data.eval: label 0 has no rows of 5: eval cannot score it",
+    ]
+    assert meta["labels"]["train"] == {"0": 1, "1": 150}
+    assert meta["eval_rows_in_train"] == 0
+
+
+def test_single_label_training_set_warns_that_it_cannot_learn(tiny_bert, tmp_path, caplog):
+    train = [(f"row {i}", 1) for i in range(10)]
+    p = params_with(tiny_bert, **{"data.train": _tsv(tmp_path / "t.tsv", train), "data.eval": None})
+    with caplog.at_level(logging.INFO, logger="lorapipe"):
+        tokenize(p, tmp_path / "tokenized")
+    assert "data.train: label 0 has no rows of 9: the model cannot learn it" in caplog.text
+
+
+def test_tokenize_stage_output_is_free_of_library_noise(tiny_bert, tmp_path):
+    train = [(f"row {i}", i % 2) for i in range(20)] + [("  ", 1)]
+    write_params(
+        tmp_path,
+        **{
+            "model.name": str(tiny_bert),
+            "data.train": _tsv(tmp_path / "t.tsv", train),
+            "data.eval": _tsv(tmp_path / "e.tsv", [("fine", 1), ("poor", 0)]),
+        },
+    )
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "stages/tokenize_data.py")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout + proc.stderr
+    assert "data.train: dropped 1 of 21 rows whose text is blank" in out
+    assert "data.train labels: 0: " in out and "data.eval labels: " in out
+    for noise in ("gemm_4bit", "Warning", "Saving the dataset", "Traceback"):
+        assert noise not in out, out
+
+
+@pytest.mark.parametrize(
+    ("argv", "adapter", "message"),
+    [
+        (["in.txt"], False, "error: --adapter: models/adapter holds no trained adapter"),
+        (["in.txt", "--model", "models/nope"], False, "error: --model: models/nope does not exist"),
+        (["in.txt", "--model", "data"], False, "error: --model: data is not a model folder"),
+        (["missing.txt"], True, "error: input: file not found: missing.txt"),
+        (["data"], True, "error: input: data is a directory"),
+    ],
+)
+def test_predict_refuses_before_any_model_loads(tmp_path, argv, adapter, message):
+    write_params(tmp_path)
+    (tmp_path / "in.txt").write_text("a fine film\n")
+    (tmp_path / "data").mkdir()
+    if adapter:  # an adapter folder is there: the input is checked before it loads
+        (tmp_path / "models/adapter").mkdir(parents=True)
+        (tmp_path / "models/adapter/adapter_config.json").write_text("{}")
+    proc, _ = light_run(tmp_path, "lorapipe", "predict", *argv)
+    assert proc.returncode == 2
+    lines = error_lines(proc)
+    assert len(lines) == 1 and lines[0].startswith(message), lines
+    assert proc.stdout.strip() == "imported:"
+
+
+def test_make_works_in_a_path_with_a_space(tmp_path):
+    project = tmp_path / "my projects" / "lorapipe"
+    bin_dir = project / ".venv/bin"
+    bin_dir.mkdir(parents=True)
+    shutil.copy2(ROOT / "Makefile", project)
+    (project / "pyproject.toml").write_text("")
+    for tool in ("dvc", "python"):  # stand-ins: what make runs, with the PATH it gets
+        (bin_dir / tool).write_text(f'#!/bin/sh\necho "{tool} $* (PATH=$PATH)"\n')
+        (bin_dir / tool).chmod(0o755)
+    (project / ".venv/.installed").touch()  # newer than pyproject.toml: no install
+    for target, ran in (("repro", "dvc repro"), ("test-fast", "python -m pytest")):
+        proc = subprocess.run(["make", target], cwd=project, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        assert f"{ran}" in proc.stdout and f"(PATH={bin_dir}:" in proc.stdout, proc.stdout
+
+
+FAILING_STAGE = """
+import sys
+from pathlib import Path
+
+from lorapipe import stage
+
+
+def main(p):
+    live = Path("reports/train/plots/metrics")
+    live.mkdir(parents=True, exist_ok=True)
+    (live / "loss.tsv").write_text("step\\tloss\\n0\\t0.7\\n")  # a partial curve
+    (live / "grad_norm.tsv").write_text("step\\tgrad_norm\\n")
+    raise {error}
+
+
+stage.run(main, tracked_outs=["reports/train"], interrupted="kept; resume it")
+"""
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "line"),
+    [
+        ("KeyboardInterrupt", 130, "interrupted: kept; resume it"),
+        ("stage.UserError('train: loss became nan')", 2, "error: train: loss became nan"),
+        ("RuntimeError('a bug')", 1, None),
+    ],
+)
+def test_a_failed_stage_leaves_the_committed_reports(tmp_path, error, code, line):
+    write_params(tmp_path)
+    reports = tmp_path / "reports/train"
+    (reports / "plots/metrics").mkdir(parents=True)
+    (reports / "metrics.json").write_text('{"loss": 0.3}\n')
+    (reports / "plots/metrics/loss.tsv").write_text("step\tloss\n0\t0.7\n10\t0.3\n")
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "commit", "-qm", "reports"], cwd=tmp_path, check=True)
+    shutil.rmtree(reports)  # what DVC does to a stage's outs before it runs the command
+    (tmp_path / "stage.py").write_text(FAILING_STAGE.format(error=error))
+    proc = subprocess.run(
+        [sys.executable, "stage.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT / "src")},
+    )
+    assert proc.returncode == code, proc.stderr
+    if line:
+        assert proc.stderr.splitlines() == [line]
+    assert (reports / "metrics.json").read_text() == '{"loss": 0.3}\n'
+    assert (reports / "plots/metrics/loss.tsv").read_text() == "step\tloss\n0\t0.7\n10\t0.3\n"
+    assert not (reports / "plots/metrics/grad_norm.tsv").exists()  # the failed run's partial log
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_dvc_repro_is_one_line_and_keeps_the_reports(tiny_bert, tmp_path):
+    small = {"data.max_train_rows": 64, "data.max_eval_rows": 32, "train.eval_strategy": "no"}
+    train = {"train.epochs": 1, "train.batch_size": 4, "train.save_steps": 2}
+    project = make_project(tmp_path, {"model.name": str(tiny_bert), **small, **train})
+    dvc("repro", "train", cwd=project)
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run([*git, "add", "-A"], cwd=project, check=True)
+    subprocess.run([*git, "commit", "-qm", "reports"], cwd=project, check=True)
+    set_params(project, {"data.max_train_rows": None, "train.batch_size": 2})  # 2,500 steps
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dvc", "repro", "train"],
+        cwd=project,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        # As in a terminal: a job started in the background of a script ignores SIGINT.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(project.glob("models/.work/*/checkpoint-4")):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends to the terminal's foreground group
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode != 0
+    assert "interrupted: the newest complete checkpoint in models/.work/ is kept; run `dvc " in out
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out
+    status = subprocess.run(
+        ["git", "status", "--porcelain", "reports"], cwd=project, capture_output=True, text=True
+    )
+    assert status.stdout == ""  # the committed reports, as they were before the run
+
+
+def test_transformers_load_report_is_kept_out_of_stage_output(tiny_bert, tmp_path):
+    # MiniLM ships no classifier: transformers reports the new head as MISSING on every load.
+    from transformers import AutoModel, AutoTokenizer
+
+    headless = tmp_path / "headless"
+    AutoModel.from_pretrained(tiny_bert).save_pretrained(headless)
+    AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(headless)
+    code = (
+        "import sys\n"
+        "from lorapipe.stage import quiet_libraries\n"
+        "quiet_libraries()\n"
+        "from transformers import AutoModelForSequenceClassification\n"
+        "AutoModelForSequenceClassification.from_pretrained(sys.argv[1])\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(headless)],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT / "src")},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "MISSING" not in proc.stderr and "newly initialized" not in proc.stderr, proc.stderr

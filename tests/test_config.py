@@ -102,3 +102,47 @@ def test_dvc_yaml_lists_exactly_the_keys_each_stage_reads():
             node = shipped
             for part in key.split("."):
                 node = node[part]  # every listed key exists in params.yaml
+
+
+def test_duplicate_key_names_the_key_and_both_lines(tmp_path):
+    # PyYAML keeps the last `r` silently; the stages must not train with a value nobody chose.
+    text = (ROOT / "params.yaml").read_text().replace("  r: 8\n", "  r: 8\n  r: 4\n")
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    line = text.splitlines().index("  r: 8") + 1
+    with pytest.raises(UserError) as err:
+        load_params(path)
+    assert (
+        str(err.value) == f"{path}: lora.r: duplicate key (lines {line} and {line + 1}); keep one"
+    )
+
+
+@pytest.mark.parametrize(
+    ("section", "meant"),
+    [("lora_config", "lora"), ("training_args", "train"), ("quantization", "quant")],
+)
+def test_misspelt_section_suggests_the_section_it_contains(section, meant):
+    raw = base()
+    raw[section] = {}
+    with pytest.raises(UserError, match=rf"{section}: unknown key \(did you mean '{meant}'\?\)"):
+        parse_params(raw)
+
+
+def test_every_invalid_field_is_reported_one_line_each():
+    raw = with_value("train.batch_size", 0)
+    raw["train"]["grad_accum"] = -1
+    raw["lora_config"] = {"r": 4}
+    with pytest.raises(UserError) as err:
+        parse_params(raw)
+    assert str(err.value).splitlines() == [
+        "params.yaml: train.batch_size: Input should be greater than 0 (got 0)",
+        "params.yaml: train.grad_accum: Input should be greater than 0 (got -1)",
+        "params.yaml: lora_config: unknown key (did you mean 'lora'?)",
+    ]
+
+
+def test_params_not_utf8_names_line_and_column(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_bytes(b"task: seq_cls\nmodel:\n  name: caf\xe9\n")
+    with pytest.raises(UserError, match=r"params.yaml: not UTF-8 text \(line 3, column 12\)"):
+        load_params(path)

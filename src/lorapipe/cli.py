@@ -10,6 +10,7 @@ from typing import Any
 
 from lorapipe.config import Params, UserError, load_params
 from lorapipe.recipes import apply_recipe, list_recipes, recipe_params
+from lorapipe.stage import fail, quiet_libraries
 
 
 def _params(args: argparse.Namespace) -> Params:
@@ -17,11 +18,16 @@ def _params(args: argparse.Namespace) -> Params:
 
 
 def cmd_check(args: argparse.Namespace) -> None:
+    from lorapipe.sources import check_data
+
+    p = _params(args)  # params, then the data files' headers: both before torch loads
+    data = check_data(p)
     from lorapipe.modeling import preflight
 
-    p = _params(args)
     preflight(p)
     print(f"ok: {args.recipe or args.params} is valid for {p.model.name} ({p.task})")
+    for line in data:
+        print(f"ok: {line}")
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
@@ -70,8 +76,33 @@ def cmd_push(args: argparse.Namespace) -> None:
 
 
 def _read_inputs(source: str) -> list[str]:
-    text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+    from lorapipe.sources import read_text_file
+
+    if source == "-":
+        text = sys.stdin.read()
+    elif Path(source).is_dir():
+        raise UserError(f"input: {source} is a directory; name a text file (or - for stdin)")
+    elif not Path(source).is_file():
+        raise UserError(f"input: file not found: {source}")
+    else:
+        text = read_text_file(Path(source), "input")
     return [line for line in text.splitlines() if line.strip()]
+
+
+def _check_model_folders(args: argparse.Namespace) -> None:
+    """Before any model loads (seconds to a minute): the folder to load exists and is one."""
+    if args.model:
+        if not (Path(args.model) / "config.json").is_file():
+            what = "is not a model folder (no config.json)"
+            raise UserError(
+                f"--model: {args.model} {what if Path(args.model).is_dir() else 'does not exist'}; "
+                "a merged model folder, such as models/merged after `dvc repro merge`"
+            )
+    elif not (Path(args.adapter) / "adapter_config.json").is_file():
+        raise UserError(
+            f"--adapter: {args.adapter} holds no trained adapter (no adapter_config.json); "
+            "train one first with `dvc repro train`, or pass --model models/merged"
+        )
 
 
 def _load(args: argparse.Namespace, p: Params) -> Any:
@@ -92,13 +123,15 @@ def _load(args: argparse.Namespace, p: Params) -> Any:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    import torch
-
     p = load_params(args.params)
     if p.task != "seq_cls":
         raise UserError(f"task: predict is for seq_cls; this project is {p.task} (use generate)")
+    _check_model_folders(args)
+    lines = _read_inputs(args.input)
+    import torch
+
     model, tok = _load(args, p)
-    for line in _read_inputs(args.input):
+    for line in lines:
         enc = tok(line, truncation=True, max_length=p.tokenize.max_length, return_tensors="pt")
         enc = enc.to(model.device)
         with torch.no_grad():
@@ -110,13 +143,15 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    import torch
-
     p = load_params(args.params)
     if p.task == "seq_cls":
         raise UserError("task: generate is for causal_lm and sft; this project is seq_cls")
+    _check_model_folders(args)
+    lines = _read_inputs(args.input)
+    import torch
+
     model, tok = _load(args, p)
-    for line in _read_inputs(args.input):
+    for line in lines:
         prompt = line + p.data.separator if p.task == "sft" and not p.data.chat_template else line
         if p.task == "sft" and p.data.chat_template:
             prompt = tok.apply_chat_template(
@@ -191,11 +226,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     if args.command == "recipe" and args.action != "list" and not args.name:
         parser().error("recipe show/apply needs a recipe name")
+    quiet_libraries()
     try:
         args.fn(args)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        fail(exc)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -158,11 +158,28 @@ def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
+def _suggest(path: str) -> str | None:
+    """The known key meant: a close spelling of a sibling, else the sibling the name contains
+    (difflib alone misses `lora` for `lora_config`), else a close key anywhere."""
+    known = _known_keys(Params)
+    parent, _, name = path.rpartition(".")
+    siblings = [k for k in known if k.rpartition(".")[0] == parent]
+    close = difflib.get_close_matches(path, siblings, n=1, cutoff=0.6)
+    if close:
+        return close[0]
+    # Names of one letter (`r`) are in almost anything.
+    hits = [k for k in siblings if len(short := k.rpartition(".")[2]) > 1 and short in name.lower()]
+    if hits:
+        return max(hits, key=len)
+    close = difflib.get_close_matches(path, known, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
 def _describe(err: dict[str, Any], source: str) -> str:
     path = _field_path(err["loc"])
     if err["type"] == "extra_forbidden":
-        close = difflib.get_close_matches(path, _known_keys(Params), n=1, cutoff=0.6)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        meant = _suggest(path)
+        hint = f" (did you mean '{meant}'?)" if meant else ""
         return f"{source}: {path}: unknown key{hint}"
     if err["type"] == "missing":
         return f"{source}: {path}: required key is missing"
@@ -172,31 +189,72 @@ def _describe(err: dict[str, Any], source: str) -> str:
 
 
 def parse_params(raw: Any, source: str = "params.yaml") -> Params:
-    """Validate an already-loaded mapping; raise UserError with one line on the first problem."""
+    """Validate an already-loaded mapping; raise UserError with one line per invalid field."""
     if not isinstance(raw, dict):
         raise UserError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        if first["type"] == "value_error" and not first["loc"]:
-            raise UserError(f"{source}: {first['msg'].removeprefix('Value error, ')}") from None
-        raise UserError(_describe(first, source)) from None
+        errors = exc.errors()
+        if errors[0]["type"] == "value_error" and not errors[0]["loc"]:
+            raise UserError(f"{source}: {errors[0]['msg'].removeprefix('Value error, ')}") from None
+        raise UserError("\n".join(_describe(err, source) for err in errors)) from None
+
+
+def _duplicate_keys(node: yaml.Node, path: str, source: str) -> list[str]:
+    """PyYAML keeps the last of two equal keys silently; DVC's loader refuses them."""
+    found = []
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
+        for key, value in node.value:
+            name = key.value if isinstance(key, yaml.ScalarNode) else None
+            where = f"{path}.{name}" if path else str(name)
+            line = key.start_mark.line + 1
+            if name is not None and name in seen:
+                found.append(
+                    f"{source}: {where}: duplicate key (lines {seen[name]} and {line}); keep one"
+                )
+            elif name is not None:
+                seen[name] = line
+            found += _duplicate_keys(value, where, source)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            found += _duplicate_keys(item, path, source)
+    return found
 
 
 def read_yaml(path: str | Path) -> Any:
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, not a YAML file")
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        loader = yaml.SafeLoader(path.read_text(encoding="utf-8"))
+        try:
+            node = loader.get_single_node()
+            duplicates = _duplicate_keys(node, "", str(path)) if node is not None else []
+            if duplicates:
+                raise UserError("\n".join(duplicates))
+            return loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise UserError(f"{path}:{where}: malformed YAML: {problem}") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text ({text_position(path, exc.start)})") from None
+
+
+def text_position(path: Path, offset: int) -> str:
+    """'line L, column C' (characters, from 1) of the byte offset where decoding failed."""
+    head = path.read_bytes()[:offset]
+    line_start = head.rfind(b"\n") + 1
+    line = head.count(b"\n") + 1
+    column = len(head[line_start:].decode("utf-8", errors="replace")) + 1
+    return f"line {line}, column {column}"
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

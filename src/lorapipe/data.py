@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import datasets
 
-from lorapipe.config import Params, stage_params
+from lorapipe.config import Params, UserError, stage_params
 from lorapipe.io import atomic_dir, write_json
 from lorapipe.modeling import check_max_length, load_config, load_tokenizer
-from lorapipe.sources import load_rows
+from lorapipe.sources import check_data, load_rows, require_columns, task_columns
 from lorapipe.tasks import get_task
+
+log = logging.getLogger(__name__)
 
 TOKENIZE_KEYS = [
     "task",
@@ -53,20 +57,93 @@ def _head(rows: datasets.Dataset, limit: int | None) -> datasets.Dataset:
     return rows.select(range(min(limit, len(rows)))) if limit else rows
 
 
+def _text_columns(p: Params) -> list[str]:
+    return [c for c, key in task_columns(p).items() if key != "data.label_field"]
+
+
+def _drop_blank(rows: datasets.Dataset, p: Params, where: str) -> tuple[datasets.Dataset, int]:
+    """Rows whose text is only whitespace would train on special tokens alone: drop, count."""
+    require_columns(rows.column_names, p, where)
+    keep = [True] * len(rows)
+    for column in _text_columns(p):
+        for i, text in enumerate(rows[column][:]):
+            if not isinstance(text, str):
+                raise UserError(f"{where}: row {i + 1}: '{column}' is {text!r}, not text")
+            keep[i] = keep[i] and bool(text.strip())
+    dropped = keep.count(False)
+    if dropped == len(rows):
+        raise UserError(f"{where}: every row's {' / '.join(_text_columns(p))} is blank")
+    if dropped:
+        log.info("%s: dropped %d of %d rows whose text is blank", where, dropped, len(rows))
+        rows = rows.select([i for i, k in enumerate(keep) if k])
+    return rows, dropped
+
+
+def _in_train(train: datasets.Dataset, evaluation: datasets.Dataset, p: Params) -> int:
+    """How many eval rows also appear verbatim in train (leakage: eval would flatter the model)."""
+    columns = _text_columns(p)
+    seen = set(zip(*(train[c][:] for c in columns), strict=True))
+    return sum(row in seen for row in zip(*(evaluation[c][:] for c in columns), strict=True))
+
+
+def label_counts(labels: list[int], num_labels: int, where: str) -> dict[str, int]:
+    """{label: rows}; a loud warning for a class that is missing or under 1 %."""
+    counts = Counter(labels)
+    total = len(labels)
+    shares = ", ".join(
+        f"{k}: {counts[k]} ({100 * counts[k] / total:.1f} %)" for k in sorted(counts)
+    )
+    log.info("%s labels: %s", where, shares)
+    for label in range(num_labels):
+        if counts[label] == 0:
+            log.warning(
+                "%s: label %d has no rows of %d: %s",
+                where,
+                label,
+                total,
+                "the model cannot learn it" if where == "data.train" else "eval cannot score it",
+            )
+        elif counts[label] < 0.01 * total:
+            log.warning(
+                "%s: label %d has %d of %d rows (under 1 %%)", where, label, counts[label], total
+            )
+    return {str(k): counts[k] for k in range(num_labels)}
+
+
 def tokenize(p: Params, out: Path) -> dict[str, Any]:
     """Tokenize train and eval into `out` (a DatasetDict) with a meta.json of what made it."""
+    check_data(p)  # a missing file or column in one line, before the model's config loads
     check_max_length(p, load_config(p))
     task, tok = get_task(p.task), load_tokenizer(p)
     train_rows, eval_rows = _split(p)
-    train = task.tokenize(_head(train_rows, p.data.max_train_rows), tok, p, "data.train")
-    evaluation = task.tokenize(_head(eval_rows, p.data.max_eval_rows), tok, p, "data.eval")
+    train_rows, train_blank = _drop_blank(train_rows, p, "data.train")
+    eval_rows, eval_blank = _drop_blank(eval_rows, p, "data.eval")
+    train_rows = _head(train_rows, p.data.max_train_rows)
+    eval_rows = _head(eval_rows, p.data.max_eval_rows)
+    leaked = _in_train(train_rows, eval_rows, p)
+    if leaked:
+        log.warning(
+            "data.eval: %d of %d eval rows also appear verbatim in data.train: eval metrics "
+            "flatter the model",
+            leaked,
+            len(eval_rows),
+        )
+    train = task.tokenize(train_rows, tok, p, "data.train")
+    evaluation = task.tokenize(eval_rows, tok, p, "data.eval")
     # Evaluation in length order: batches of similar lengths carry little padding.
     evaluation = evaluation.sort("length")
     meta = {
         "params": stage_params(p, TOKENIZE_KEYS),
         "rows": {"train": len(train), "eval": len(evaluation)},
         "tokens": {"train": sum(train["length"]), "eval": sum(evaluation["length"])},
+        "dropped_blank_rows": {"train": train_blank, "eval": eval_blank},
+        "eval_rows_in_train": leaked,
     }
+    if p.task == "seq_cls":
+        meta["labels"] = {
+            name: label_counts(split["labels"][:], p.data.num_labels, f"data.{name}")
+            for name, split in (("train", train), ("eval", evaluation))
+        }
     with atomic_dir(out) as tmp:
         datasets.DatasetDict({"train": train, "eval": evaluation}).save_to_disk(str(tmp))
         write_json(tmp / "meta.json", meta)

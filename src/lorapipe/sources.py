@@ -9,18 +9,21 @@ Data sources: a local file (.tsv, .csv, .jsonl, .json, .txt), Python's own Langu
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import importlib.metadata
+import json
 import os
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
-import datasets
-import pandas as pd
-
-from lorapipe.config import UserError
+from lorapipe.config import Params, UserError, text_position
 from lorapipe.io import atomic_dir
+
+if TYPE_CHECKING:  # datasets and pandas load inside the functions: `lorapipe check` stays fast
+    import datasets
 
 CACHE_ROOT = Path(os.environ.get("LORAPIPE_CACHE", Path.home() / ".cache" / "lorapipe"))
 DATA_SUFFIXES = (".tsv", ".csv", ".jsonl", ".json", ".txt")
@@ -117,11 +120,88 @@ def convert_gguf(file: Path) -> Path:
     return out
 
 
-def _read_text_file(path: Path, field: str) -> str:
+def read_text_file(path: Path, field: str) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise UserError(f"{field}: {path}: not UTF-8 text (byte {exc.start})") from None
+        where = text_position(path, exc.start)
+        raise UserError(f"{field}: {path}: not UTF-8 text at {where}") from None
+
+
+def local_file(source: str, field: str) -> Path:
+    """A data file that exists, is a file and has a type we read; else one line saying which."""
+    path = Path(source)
+    if path.is_dir():
+        raise UserError(f"{field}: {source} is a directory; name a file in it")
+    if not path.is_file():
+        raise UserError(f"{field}: file not found: {source}")
+    if path.suffix not in DATA_SUFFIXES:
+        raise UserError(
+            f"{field}: {source}: unsupported file type (use {', '.join(DATA_SUFFIXES)})"
+        )
+    return path
+
+
+PYDOC_COLUMNS = {"pydoc:topics": ["text"], "pydoc:qa": ["input", "output"]}
+# The params that name the columns each task reads.
+TASK_FIELDS = {
+    "seq_cls": ("text_field", "label_field"),
+    "causal_lm": ("text_field",),
+    "sft": ("input_field", "output_field"),
+}
+
+
+def task_columns(p: Params) -> dict[str, str]:
+    """{column name: the params key that names it} for the columns the task needs."""
+    return {getattr(p.data, key): f"data.{key}" for key in TASK_FIELDS[p.task]}
+
+
+def require_columns(columns: list[str], p: Params, where: str) -> None:
+    for column, key in task_columns(p).items():
+        if column not in columns:
+            raise UserError(f"{where}: no '{column}' column (set {key}; columns: {columns})")
+
+
+def _header(path: Path, text: str, field: str) -> list[str]:
+    """The column names of a data file, from its first line or record: no full parse."""
+    if path.suffix == ".txt":
+        return ["text"]
+    if path.suffix in (".tsv", ".csv"):
+        first = text.split("\n", 1)[0].rstrip("\r").lstrip("\ufeff")  # pandas drops a BOM
+        return next(csv.reader([first], delimiter="\t" if path.suffix == ".tsv" else ","))
+    try:
+        if path.suffix == ".jsonl":
+            record = json.loads(next(line for line in text.splitlines() if line.strip()))
+        else:
+            record = json.loads(text)
+            record = record[0] if isinstance(record, list) and record else record
+    except (json.JSONDecodeError, StopIteration) as exc:
+        raise UserError(f"{field}: {path}: cannot parse: {str(exc).splitlines()[0]}") from None
+    return list(record) if isinstance(record, dict) else []
+
+
+def check_data(p: Params) -> list[str]:
+    """What `lorapipe check` says about data.train/data.eval: each exists, is UTF-8 text and has
+    the columns the task needs. Cheap: no tokenizer, no full parse. Hub data sets are not read."""
+    notes = []
+    for field, source in (("data.train", p.data.train), ("data.eval", p.data.eval)):
+        if source is None:
+            continue
+        if source in PYDOC_COLUMNS:
+            require_columns(PYDOC_COLUMNS[source], p, field)
+            notes.append(f"{field}: {source}")
+            continue
+        if source.startswith("hf:"):
+            notes.append(f"{field}: {source} (a hub data set: not read by check)")
+            continue
+        path = local_file(source, field)
+        text = read_text_file(path, field)
+        if not text.strip():
+            raise UserError(f"{field}: {source}: file is empty")
+        require_columns(_header(path, text, field), p, field)
+        lines = text.count("\n")
+        notes.append(f"{field}: {source} ({lines} lines)")
+    return notes
 
 
 def _pydoc_paragraphs() -> dict[str, list[str]]:
@@ -134,6 +214,8 @@ def _pydoc_paragraphs() -> dict[str, list[str]]:
 
 def _pydoc_source(name: str) -> datasets.Dataset:
     """pydoc:topics: the reference's paragraphs as `text`; pydoc:qa: topic question → answer."""
+    import datasets
+
     paragraphs = _pydoc_paragraphs()
     if name == "topics":
         return datasets.Dataset.from_dict({"text": [p for ps in paragraphs.values() for p in ps]})
@@ -149,6 +231,9 @@ def _pydoc_source(name: str) -> datasets.Dataset:
 
 def load_rows(source: str, field: str) -> datasets.Dataset:
     """Rows of a data source as a Dataset (columns as in the source; text files: `text`)."""
+    import datasets
+    import pandas as pd
+
     if source in ("pydoc:topics", "pydoc:qa"):
         return _pydoc_source(source.removeprefix("pydoc:"))
     if source.startswith("hf:"):
@@ -171,14 +256,8 @@ def load_rows(source: str, field: str) -> datasets.Dataset:
             raise UserError(
                 f"{field}: cannot load '{source}': {str(exc).splitlines()[0]}"
             ) from None
-    path = Path(source)
-    if not path.is_file():
-        raise UserError(f"{field}: file not found: {source}")
-    if path.suffix not in DATA_SUFFIXES:
-        raise UserError(
-            f"{field}: {source}: unsupported file type (use {', '.join(DATA_SUFFIXES)})"
-        )
-    text = _read_text_file(path, field)
+    path = local_file(source, field)
+    text = read_text_file(path, field)
     if not text.strip():
         raise UserError(f"{field}: {source}: file is empty")
     if path.suffix == ".txt":
