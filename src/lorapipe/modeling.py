@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -87,5 +88,25 @@ def load_for_training(p: Params) -> torch.nn.Module:
     return get_peft_model(model, lora_config(p))
 
 
+def check_adapter_base(p: Params, adapter: str | Path) -> None:
+    """The base the adapter records (pkg:…, hub id; an older adapter: a folder), resolved on
+    this machine, must be model.name's: another base would load and predict garbage."""
+    config = Path(adapter) / "adapter_config.json"
+    recorded = (
+        json.loads(config.read_text()).get("base_model_name_or_path") if config.is_file() else None
+    )
+    if not recorded or recorded == p.model.name:
+        return
+    try:
+        same = resolve_model(recorded, str(config)) == resolve_model(p.model.name)
+    except UserError:
+        return  # a folder of another machine (an adapter saved before names were portable)
+    if not same:
+        raise UserError(
+            f"model.name: '{p.model.name}' is not the base {adapter} was trained on ('{recorded}')"
+        )
+
+
 def load_with_adapter(p: Params, adapter: str | Path, quantized: bool = True) -> PeftModel:
+    check_adapter_base(p, adapter)
     return PeftModel.from_pretrained(load_base(p, quantized), str(adapter)).eval()
