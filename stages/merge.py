@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from lorapipe import stage
+from lorapipe import progress, stage
 from lorapipe.merge import merge
 
 
@@ -15,7 +15,11 @@ def main(p):
         Path("reports/merge.json"),
         Path("reports/train/metrics.json"),
     )
-    print(result)
+    headline = (
+        f"max |Δlogit| {result['max_abs_logit_diff']:.2g} <= tolerance {result['tolerance']:g}: "
+        "passed"  # a failed check raised before anything was written
+    )
+    print(progress.summary("merge", ["models/merged", "reports/merge.json"], headline))
 
 
 if __name__ == "__main__":

@@ -2,12 +2,13 @@
 
 from pathlib import Path
 
-from lorapipe import stage
+from lorapipe import progress, stage
 from lorapipe.plots import plot_training
 
 
 def main(p):
-    print(plot_training(Path("reports/train/plots/metrics"), Path("reports/figures")))
+    figures = plot_training(Path("reports/train/plots/metrics"), Path("reports/figures"))
+    print(progress.summary("plot", ["reports/figures"], f"{len(figures)} figures"))
 
 
 if __name__ == "__main__":

@@ -2,25 +2,31 @@
 
 from pathlib import Path
 
-from lorapipe import stage
-from lorapipe.launch import relaunch
+from lorapipe import progress, stage
+from lorapipe.io import read_json
+from lorapipe.launch import launched, relaunch
 from lorapipe.modeling import preflight
 from lorapipe.training import train
 
 
 def main(p):
     preflight(p)  # shape-only checks (target modules, bitsandbytes) before any weight loads
-    if relaunch(p, __file__):  # train.num_processes > 1: this script ran again on every rank
-        return
-    summary = train(
-        p,
-        tokenized=Path("data/tokenized"),
-        adapter_out=Path("models/adapter"),
-        checkpoint_out=Path("models/checkpoint"),
-        report_dir=Path("reports/train"),
-        work_root=Path("models/.work"),
-    )
-    print(summary)
+    if not relaunch(p, __file__):  # train.num_processes > 1: this script ran again on every rank
+        train(
+            p,
+            tokenized=Path("data/tokenized"),
+            adapter_out=Path("models/adapter"),
+            checkpoint_out=Path("models/checkpoint"),
+            report_dir=Path("reports/train"),
+            work_root=Path("models/.work"),
+        )
+        if launched():
+            return  # a rank: the launching process prints the summary
+    m = read_json("reports/train/metrics.json")
+    loss = f"loss {m['loss']:.4f}" if "loss" in m else "no loss logged"
+    headline = f"{loss} at step {m['global_steps']} (effective batch {m['effective_batch_size']})"
+    wrote = ["models/adapter", "models/checkpoint", "reports/train"]
+    print(progress.summary("train", wrote, headline))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from typing import Any
 import datasets
 import torch
 
+from lorapipe import progress
 from lorapipe.card import model_card
 from lorapipe.config import MODEL_KEYS, QUANT_KEYS, Params, UserError
 from lorapipe.io import atomic_dir, read_json, write_json
@@ -46,8 +47,11 @@ def merge(
     probe = task.collator(tok, p)(
         [{k: v for k, v in r.items() if k != "length"} for r in probe_rows]
     )
+    phase = progress.Phases("merge", 4)
+    phase("loading base + adapter (full precision)")
     peft_model = load_with_adapter(p, adapter, quantized=False)
     expected = _logits(peft_model, probe)
+    phase("merging W + (alpha/r)·B·A")
     merged = peft_model.merge_and_unload()
     result: dict[str, Any] = {"tolerance": p.merge.tolerance, "probe_rows": len(probe_rows)}
     usage = (
@@ -55,8 +59,10 @@ def merge(
         f"model = {task.auto_model.__name__}.from_pretrained('{out}')"
     )
     with atomic_dir(out) as tmp:
+        phase("saving")
         merged.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        phase("verifying the saved model")
         # Verify the artifact a user will load, not the object in memory.
         reloaded = task.auto_model.from_pretrained(tmp, dtype=torch.float32)
         result["max_abs_logit_diff"] = (_logits(reloaded, probe) - expected).abs().max().item()
@@ -76,4 +82,5 @@ def merge(
         card = model_card("Merged LoRA model", trained_with, metrics, usage)
         (tmp / "README.md").write_text(card, encoding="utf-8")
     write_json(report, result)
+    phase.close()
     return result

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from lorapipe import progress
+
 
 def perplexity(nll_sum: float, tokens: int) -> float:
     """exp(mean token NLL) over all target tokens: sums across batches, never a mean of means."""
@@ -28,7 +30,7 @@ def evaluate_model(
     dataset = dataset.remove_columns([c for c in ("length",) if c in dataset.column_names])
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collator, shuffle=False)
     sums: dict[str, Any] = {}
-    for batch in loader:
+    for batch in progress.bar(loader, "evaluate", unit="batch"):
         batch = {k: v.to(device) for k, v in batch.items()}
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         logits = model(**inputs).logits
