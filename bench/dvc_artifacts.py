@@ -110,10 +110,10 @@ def linked(project: Path, file: Path) -> str:
     return "hardlink" if file.stat().st_nlink > 1 else "copy (or reflink)"
 
 
-def make_project(path: Path, layers: int, cache_type: str | None) -> None:
+def make_project(path: Path, config: dict[str, Any], cache_type: str | None) -> None:
     path.mkdir(parents=True)
     (path / "build.py").write_text(BUILD)
-    (path / "config.json").write_text(json.dumps({**QWEN_SLICE, "num_hidden_layers": layers}))
+    (path / "config.json").write_text(json.dumps(config))
     (path / "dvc.yaml").write_text(DVC_YAML)
     sh(["git", "init", "-q"], path)
     dvc("init", "-q", cwd=path)
@@ -124,9 +124,16 @@ def make_project(path: Path, layers: int, cache_type: str | None) -> None:
     git("commit", "-qm", "bench project", cwd=path)
 
 
-def measure(layers: int, workdir: Path, remote: bool, cache_type: str | None) -> dict[str, Any]:
+def measure(
+    layers: int,
+    workdir: Path,
+    remote: bool = True,
+    cache_type: str | None = None,
+    shrink: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """`shrink`: config keys over the Qwen slice's (the test makes a small model this way)."""
     project = workdir / "a"
-    make_project(project, layers, cache_type)
+    make_project(project, {**QWEN_SLICE, "num_hidden_layers": layers, **(shrink or {})}, cache_type)
     _, config = dvc("config", "cache.type", cwd=project)
     r: dict[str, Any] = {
         "layers": layers,
