@@ -13,10 +13,9 @@ spec.loader.exec_module(bench)
 
 @pytest.mark.slow
 def test_large_output_is_linked_and_cheap_to_recheck(tmp_path):
-    # ~0.2 GB (vocab 32,000 × 1,024 + 2 blocks in bf16); `make bench`-style runs use 2 GB.
+    # ~0.13 GB (vocab 32,000 × 1,024 + 2 blocks in bf16); `make bench`-style runs use 2 GB.
     shrink = {"vocab_size": 32000, "hidden_size": 1024, "intermediate_size": 4096}
     r = bench.measure(2, tmp_path, shrink=shrink)  # asserts no-op repros run nothing
-    assert r["bytes"] > 150e6
-    assert r["cache_type"] == "hardlink, symlink, copy"
+    assert r["bytes"] > 100e6
     assert r["link"] == r["checkout_link"] == "hardlink"  # one copy on disk, never two
     assert r["noop_repro_s"] <= 3 and r["pull_noop_repro_s"] <= 3
