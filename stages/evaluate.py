@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from lorapipe import stage
+from lorapipe import progress, stage
 
 
 def main(p):
@@ -15,7 +15,9 @@ def main(p):
         Path("reports/eval.json"),
         Path("reports/samples.json"),
     )
-    print({k: metrics[k] for k in ("metric", metrics["metric"], "gain")})
+    key = metrics["metric"]
+    headline = f"{key} {metrics[key]:.4g} (base {metrics['base'][key]:.4g}, {metrics['gain']:+.4g})"
+    print(progress.summary("evaluate", ["reports/eval.json", "reports/samples.json"], headline))
 
 
 if __name__ == "__main__":

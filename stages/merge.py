@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from lorapipe import stage
+from lorapipe import progress, stage
 
 
 def main(p):
@@ -16,7 +16,11 @@ def main(p):
         Path("reports/merge.json"),
         Path("reports/train/metrics.json"),
     )
-    print(result)
+    headline = (  # a failed check raised before anything was written
+        f"relative max |Δlogit| {result['max_rel_logit_diff']:.2g} <= {result['tolerance']:g}, "
+        f"top-1 agreement {result['top1_agreement']:.3f}: passed"
+    )
+    print(progress.summary("merge", ["models/merged", "reports/merge.json"], headline))
 
 
 if __name__ == "__main__":

@@ -2,13 +2,14 @@
 
 from pathlib import Path
 
-from lorapipe import stage
+from lorapipe import progress, stage
 
 
 def main(p):
     from lorapipe.plots import plot_training  # after params are valid
 
-    print(plot_training(Path("reports/train/plots/metrics"), Path("reports/figures")))
+    figures = plot_training(Path("reports/train/plots/metrics"), Path("reports/figures"))
+    print(progress.summary("plot", ["reports/figures"], f"{len(figures)} figures"))
 
 
 if __name__ == "__main__":

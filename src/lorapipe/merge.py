@@ -16,6 +16,7 @@ from typing import Any
 import datasets
 import torch
 
+from lorapipe import progress
 from lorapipe.card import model_card
 from lorapipe.config import MODEL_KEYS, QUANT_KEYS, Params, UserError
 from lorapipe.io import atomic_dir, read_json, write_json
@@ -98,8 +99,11 @@ def merge(
     probe = task.collator(tok, p)(
         [{k: v for k, v in r.items() if k != "length"} for r in probe_rows]
     )
+    phase = progress.Phases("merge", 4)
+    phase("loading base + adapter (full precision)")
     peft_model = load_with_adapter(p, mrt, adapter, tok.pad_token_id, quantized=False)
     expected = _scored(_logits(peft_model, probe), probe)
+    phase("merging W + (alpha/r)·B·A")
     merged = peft_model.merge_and_unload()
     auto_tolerance, auto_top1 = AUTO[mrt.base_dtype]
     m = p.merge
@@ -117,9 +121,11 @@ def merge(
         f"model = {task.auto_model.__name__}.from_pretrained('{out}')"
     )
     with atomic_dir(out) as tmp:
+        phase("saving")
         merged.save_pretrained(tmp)  # in the checkpoint's dtype: W' = W + scaling·B·A rounded once
         tok.save_pretrained(tmp)
         del merged, peft_model
+        phase("verifying the saved model")
         # Verify the artifact a user will load, not the object in memory.
         reloaded = task.auto_model.from_pretrained(
             tmp, dtype=mrt.base_dtype, device_map=mrt.device_map
@@ -146,4 +152,5 @@ def merge(
         card = model_card("Merged LoRA model", trained_with, metrics, usage)
         (tmp / "README.md").write_text(card, encoding="utf-8")
     write_json(report, result)
+    phase.close()
     return result

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from lorapipe import progress
+
 
 def perplexity(nll_sum: float, tokens: int) -> float:
     """exp(mean token NLL) over all target tokens: sums across batches, never a mean of means."""
@@ -29,7 +31,7 @@ def evaluate_model(
     sums: dict[str, Any] = {}
     # no_grad as a block, not a decorator: mutation testing (`make mutate`) skips decorated code.
     with torch.no_grad():
-        for batch in loader:
+        for batch in progress.bar(loader, "evaluate", unit="batch"):
             batch = {k: v.to(device) for k, v in batch.items()}
             inputs = {k: v for k, v in batch.items() if k != "labels"}
             logits = model(**inputs).logits

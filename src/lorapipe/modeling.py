@@ -5,6 +5,7 @@ Every device and dtype choice comes from the Runtime the stage resolved (lorapip
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -108,6 +109,25 @@ def load_for_training(p: Params, rt: Runtime, tok: PreTrainedTokenizerBase) -> t
     return model
 
 
+def check_adapter_base(p: Params, adapter: str | Path) -> None:
+    """The base the adapter records (pkg:…, hub id; an older adapter: a folder), resolved on
+    this machine, must be model.name's: another base would load and predict garbage."""
+    config = Path(adapter) / "adapter_config.json"
+    recorded = (
+        json.loads(config.read_text()).get("base_model_name_or_path") if config.is_file() else None
+    )
+    if not recorded or recorded == p.model.name:
+        return
+    try:
+        same = resolve_model(recorded, str(config)) == resolve_model(p.model.name)
+    except UserError:
+        return  # a folder of another machine (an adapter saved before names were portable)
+    if not same:
+        raise UserError(
+            f"model.name: '{p.model.name}' is not the base {adapter} was trained on ('{recorded}')"
+        )
+
+
 def load_with_adapter(
     p: Params,
     rt: Runtime,
@@ -115,5 +135,6 @@ def load_with_adapter(
     pad_token_id: int | None,
     quantized: bool = True,
 ) -> PeftModel:
+    check_adapter_base(p, adapter)
     base = load_base(p, rt, pad_token_id, quantized)
     return PeftModel.from_pretrained(base, str(adapter)).eval()

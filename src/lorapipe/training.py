@@ -24,10 +24,12 @@ from dvclive import Live
 from safetensors import safe_open
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.integrations import DVCLiveCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from lorapipe import progress
 from lorapipe.card import model_card
 from lorapipe.config import MODEL_KEYS, QUANT_KEYS, Params, UserError, stage_params
-from lorapipe.io import atomic_dir, write_json
+from lorapipe.io import atomic_dir, read_json, write_json
 from lorapipe.modeling import load_config, load_for_training, load_tokenizer
 from lorapipe.runtime import Runtime, peak_memory_gb, resolve
 from lorapipe.tasks import get_task
@@ -189,6 +191,33 @@ class StepAlignedDVCLive(DVCLiveCallback):
         super().on_log(args, state, control, logs=logs, **kwargs)
 
 
+class StepLines(TrainerCallback):
+    """Not a terminal: one line per logging step (Trainer's PrinterCallback prints raw dicts)."""
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.start, self.first_step = time.perf_counter(), state.global_step
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+        if state.is_world_process_zero and logs:
+            elapsed, done = time.perf_counter() - self.start, state.global_step - self.first_step
+            line = progress.step_line(state.global_step, state.max_steps, logs, elapsed, done)
+            print(line, flush=True)
+
+
+class LossBar(ProgressCallback):
+    """A terminal: Trainer's bar (steps, rate, time left) with the last loss on it; eval results
+    print above it (the stock callback prints every log dict there)."""
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+        if not (state.is_world_process_zero and self.training_bar is not None and logs):
+            return
+        if "loss" in logs:
+            self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
+        evals = {k: v for k, v in logs.items() if k.startswith("eval_") and "per_second" not in k}
+        if evals:
+            self.training_bar.write(progress.step_line(state.global_step, state.max_steps, evals))
+
+
 def fingerprint(p: Params, tokenized: Path) -> str:
     meta = (tokenized / "meta.json").read_text(encoding="utf-8")
     payload = json.dumps([stage_params(p, TRAIN_KEYS), meta], sort_keys=True)
@@ -213,6 +242,40 @@ def latest_checkpoint(work: Path) -> Path | None:
             return folder
         warnings.warn(f"skipping incomplete checkpoint {folder}", stacklevel=2)
     return None
+
+
+def record_portable_base(folder: Path, name: str) -> None:
+    """Record the base as params name it (pkg:…, hub id), not as the folder it loaded from.
+
+    PEFT writes the resolved folder, for a packaged model a path inside this virtualenv: another
+    machine could not load it, and the adapter's DVC hash would differ per venv path.
+    modeling.load_with_adapter resolves the name on the machine that loads it. (Rewritten after
+    saving: PEFT's save looks the recorded name up as a folder or on the hub.)
+    """
+    config = folder / "adapter_config.json"
+    raw = read_json(config)
+    old, raw["base_model_name_or_path"] = raw.get("base_model_name_or_path"), name
+    write_json(config, raw)
+    readme = folder / "README.md"  # PEFT's own card (in checkpoints) names the base too
+    if old and readme.is_file():
+        readme.write_text(readme.read_text(encoding="utf-8").replace(old, name), encoding="utf-8")
+
+
+def usage(p: Params, adapter: Path) -> str:
+    """The model card's snippet: PEFT alone reads a hub id; a pkg: base needs lorapipe."""
+    task = get_task(p.task)
+    if not p.model.name.startswith("pkg:") and not p.model.name.endswith(".gguf"):
+        auto = task.auto_model.__name__.replace("AutoModel", "AutoPeftModel")
+        return f"from peft import {auto}\nmodel = {auto}.from_pretrained('{adapter}')"
+    return (
+        "from lorapipe.config import load_params\n"
+        "from lorapipe.modeling import load_config, load_tokenizer, load_with_adapter\n"
+        "from lorapipe.runtime import resolve\n\n"
+        "# resolves the base this adapter records (a packaged model) on this machine\n"
+        "p = load_params('params.yaml')\n"
+        "rt, pad = resolve(p, load_config(p)), load_tokenizer(p).pad_token_id\n"
+        f"model = load_with_adapter(p, rt, '{adapter}', pad)"
+    )
 
 
 def training_args(
@@ -252,7 +315,7 @@ def training_args(
         save_steps=t.save_steps,
         save_total_limit=2,
         report_to="none",  # the DVCLive callback is added explicitly, pointed at reports/
-        disable_tqdm=True,
+        disable_tqdm=not progress.interactive(),  # a bar in a terminal, else lines (progress)
         prediction_loss_only=get_task(p.task).compute_metrics is None,
         dataloader_num_workers=0,
         # Without use_cpu, ranks on a CPU-only machine train unwrapped: no DDP, no gradient sync.
@@ -338,6 +401,9 @@ def train(
         compute_metrics=task.compute_metrics,
         callbacks=[StepAlignedDVCLive(live=live), *callbacks],
     )
+    # Trainer's own: a bar, or (disable_tqdm) raw dicts printed; ours: the loss on the bar, lines
+    trainer.remove_callback(ProgressCallback if progress.interactive() else PrinterCallback)
+    trainer.add_callback(LossBar() if progress.interactive() else StepLines())
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - start
@@ -360,18 +426,18 @@ def train(
         live.summary.update({k: v for k, v in summary.items() if isinstance(v, int | float)})
         live.make_summary()
         trained_with = stage_params(p, [*TRAIN_KEYS, "data.train", "data.eval"])
-        auto = task.auto_model.__name__.replace("AutoModel", "AutoPeftModel")
-        usage = f"from peft import {auto}\nmodel = {auto}.from_pretrained('{adapter_out}')"
         with atomic_dir(adapter_out) as tmp:
             model.save_pretrained(tmp)
+            record_portable_base(tmp, p.model.name)
             tok.save_pretrained(tmp)
             write_json(tmp / "lorapipe_params.json", trained_with)
-            card = model_card("LoRA adapter", trained_with, summary, usage)
+            card = model_card("LoRA adapter", trained_with, summary, usage(p, adapter_out))
             (tmp / "README.md").write_text(card, encoding="utf-8")
         # save_strategy="steps" makes Trainer save at the last step too: a resumable final state.
         final = work / f"checkpoint-{result.global_step}"
         with atomic_dir(checkpoint_out) as tmp:
             shutil.copytree(final, tmp, dirs_exist_ok=True)
+            record_portable_base(tmp, p.model.name)
         resumed_from = int(resume.name.split("-")[-1]) if resume else 0
         steps_run = result.global_step - resumed_from
         write_json(
