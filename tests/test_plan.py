@@ -6,25 +6,28 @@ import time
 
 import huggingface_hub.constants
 import pytest
+from peft import LoraConfig
 
 from lorapipe import plan as P
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
-BERT_SETUP = dict(task="seq_cls", r=8, alpha=16, target_modules=["query", "value"], num_labels=2)
+
+def lora(task: str, r: int, alpha: int, targets: list[str]) -> LoraConfig:
+    return LoraConfig(task_type=P._TASK_TYPES[task], r=r, lora_alpha=alpha, target_modules=targets)
 
 
 @pytest.fixture(scope="module")
 def bert_counts() -> dict:
-    return P.count_trainable(P.load_model_config("bert-base-uncased"), **BERT_SETUP)
+    config = P.load_model_config("bert-base-uncased")
+    return P.count_trainable(config, lora("seq_cls", 8, 16, ["query", "value"]), "seq_cls", 2)
 
 
 @pytest.fixture(scope="module")
 def qwen():
     config = P.load_model_config("Qwen/Qwen2.5-3B")
-    counts = P.count_trainable(
-        config, "causal_lm", 16, 32, ["q_proj", "k_proj", "v_proj", "o_proj"]
-    )
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    counts = P.count_trainable(config, lora("causal_lm", 16, 32, targets), "causal_lm")
     return config, counts
 
 
@@ -68,10 +71,8 @@ def test_llama_70b_on_meta_is_fast_and_exact() -> None:
     start = time.perf_counter()
     counts = P.count_trainable(
         P.load_model_config("meta-llama/Llama-3.1-70B"),
+        lora("causal_lm", 4, 8, ["q_proj", "k_proj", "v_proj"]),
         "causal_lm",
-        r=4,
-        alpha=8,
-        target_modules=["q_proj", "k_proj", "v_proj"],
     )
     assert time.perf_counter() - start < 15
     # ru_maxrss is KiB on Linux; 140 GB of bf16 weights would be far beyond 2 GiB.
@@ -180,11 +181,12 @@ def test_rejects_bad_arguments(bert_counts: dict) -> None:
 
 def test_plan_of_the_packaged_default_matches_what_training_counted():
     from lorapipe.config import load_params
+    from lorapipe.lora import lora_config
     from tests.conftest import ROOT as root
 
     p = load_params(root / "params.yaml")
     config = P.load_model_config(p.model.name)  # pkg:… resolves to the package's folder
-    counts = P.count_trainable(config, p.task, p.lora.r, p.lora.alpha, p.lora.target_modules)
+    counts = P.count_trainable(config, lora_config(p), p.task, p.data.num_labels)
     trained = json.loads((root / "reports/train/metrics.json").read_text())
     assert (
         (counts["trainable"], counts["all"])

@@ -26,16 +26,16 @@ def cmd_check(args: argparse.Namespace) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> None:
     from lorapipe import plan
+    from lorapipe.lora import check_variant, lora_config
 
     p = _params(args)
+    check_variant(p)
     try:
         config = plan.load_model_config(p.model.name)
     except ValueError as exc:
         raise UserError(f"model.name: {exc}") from None
     bits = None if p.quant.bits == "none" else int(p.quant.bits)
-    counts = plan.count_trainable(
-        config, p.task, p.lora.r, p.lora.alpha, list(p.lora.target_modules), p.data.num_labels
-    )
+    counts = plan.count_trainable(config, lora_config(p), p.task, p.data.num_labels)
     memory = {
         gc: plan.estimate_memory(
             config,

@@ -16,14 +16,13 @@ import torch
 from lorapipe.card import model_card
 from lorapipe.config import MODEL_KEYS, QUANT_KEYS, Params, UserError
 from lorapipe.io import atomic_dir, read_json, write_json
+from lorapipe.lora import ADAPTER_KEYS
 from lorapipe.modeling import load_tokenizer, load_with_adapter
 from lorapipe.tasks import get_task
 
 MERGE_KEYS = [
     *MODEL_KEYS,
-    "lora.r",
-    "lora.alpha",
-    "lora.target_modules",
+    *ADAPTER_KEYS,
     *QUANT_KEYS,
     "merge.tolerance",
     "merge.probe_size",

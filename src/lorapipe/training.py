@@ -21,6 +21,7 @@ from typing import Any
 import datasets
 import torch
 from dvclive import Live
+from peft.optimizers import create_loraplus_optimizer
 from safetensors import safe_open
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.integrations import DVCLiveCallback
@@ -28,6 +29,7 @@ from transformers.integrations import DVCLiveCallback
 from lorapipe.card import model_card
 from lorapipe.config import MODEL_KEYS, QUANT_KEYS, Params, UserError, stage_params
 from lorapipe.io import atomic_dir, write_json
+from lorapipe.lora import ADAPTER_KEYS, RESIDUAL_INITS, save_adapter
 from lorapipe.modeling import load_for_training, load_tokenizer
 from lorapipe.quant import compute_dtype, mixed_precision
 from lorapipe.tasks import get_task
@@ -37,10 +39,9 @@ log = logging.getLogger(__name__)
 # Exactly the params the train stage reads: dvc.yaml lists the same keys.
 TRAIN_KEYS = [
     *MODEL_KEYS,
-    "lora.r",
-    "lora.alpha",
+    *ADAPTER_KEYS,
     "lora.dropout",
-    "lora.target_modules",
+    "lora.plus_lr_ratio",
     *QUANT_KEYS,
     *(
         f"train.{k}"
@@ -109,8 +110,31 @@ class LengthBucketSampler(torch.utils.data.Sampler[int]):
 class GuardedTrainer(Trainer):
     """Trainer that stops on the first NaN/inf loss and batches rows of similar length.
 
-    The NaN check runs before the optimizer step can spread it to the weights.
+    The NaN check runs before the optimizer step can spread it to the weights. With
+    `loraplus_lr_ratio`, the optimizer is PEFT's LoRA+ one: B (and 1-d params) at ratio × lr.
     """
+
+    def __init__(self, *args: Any, loraplus_lr_ratio: float | None = None, **kwargs: Any) -> None:
+        self.loraplus_lr_ratio = loraplus_lr_ratio
+        super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, model: Any = None) -> Any:
+        if self.loraplus_lr_ratio is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        # Trainer's own optimizer class and settings (AdamW, betas, eps), only grouped by LoRA+;
+        # Trainer's linear scheduler then scales every group's lr alike, and a resume reloads
+        # optimizer.pt into the same groups.
+        cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+        kwargs.pop("lr", None)
+        self.optimizer = create_loraplus_optimizer(
+            model or self.model,
+            cls,
+            lr=self.args.learning_rate,
+            loraplus_lr_ratio=self.loraplus_lr_ratio,
+            loraplus_weight_decay=self.args.weight_decay,
+            **kwargs,
+        )
+        return self.optimizer
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         if self.args.train_sampling_strategy != "group_by_length":
@@ -257,6 +281,13 @@ def train(
     effective_batch = p.train.batch_size * p.train.grad_accum * world
     # Only rank 0 logs: a Live on another rank would clear and rewrite the same folder.
     main_rank = args.process_index == 0
+    initial = None
+    if p.lora.init in RESIDUAL_INITS:
+        # The adapter before any step, kept with the checkpoints so a resume converts the same way.
+        initial = work / "initial_adapter"
+        if main_rank and not initial.is_dir():
+            with atomic_dir(initial) as tmp:
+                model.save_pretrained(tmp)
     log.info(
         "rank %d/%d: %d train rows, effective batch %d (B %d × K %d × D %d)",
         args.process_index,
@@ -277,6 +308,7 @@ def train(
         processing_class=tok,
         compute_metrics=task.compute_metrics,
         callbacks=[StepAlignedDVCLive(live=live), *callbacks],
+        loraplus_lr_ratio=p.lora.plus_lr_ratio,
     )
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -302,7 +334,7 @@ def train(
         auto = task.auto_model.__name__.replace("AutoModel", "AutoPeftModel")
         usage = f"from peft import {auto}\nmodel = {auto}.from_pretrained('{adapter_out}')"
         with atomic_dir(adapter_out) as tmp:
-            model.save_pretrained(tmp)
+            save_adapter(model, tmp, initial)  # applies to the original base, whatever the init
             tok.save_pretrained(tmp)
             write_json(tmp / "lorapipe_params.json", trained_with)
             card = model_card("LoRA adapter", trained_with, summary, usage)
