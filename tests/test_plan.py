@@ -6,25 +6,28 @@ import time
 
 import huggingface_hub.constants
 import pytest
+from peft import LoraConfig
 
 from lorapipe import plan as P
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
-BERT_SETUP = dict(task="seq_cls", r=8, alpha=16, target_modules=["query", "value"], num_labels=2)
+
+def lora(task: str, r: int, alpha: int, targets: list[str]) -> LoraConfig:
+    return LoraConfig(task_type=P._TASK_TYPES[task], r=r, lora_alpha=alpha, target_modules=targets)
 
 
 @pytest.fixture(scope="module")
 def bert_counts() -> dict:
-    return P.count_trainable(P.load_model_config("bert-base-uncased"), **BERT_SETUP)
+    config = P.load_model_config("bert-base-uncased")
+    return P.count_trainable(config, lora("seq_cls", 8, 16, ["query", "value"]), "seq_cls", 2)
 
 
 @pytest.fixture(scope="module")
 def qwen():
     config = P.load_model_config("Qwen/Qwen2.5-3B")
-    counts = P.count_trainable(
-        config, "causal_lm", 16, 32, ["q_proj", "k_proj", "v_proj", "o_proj"]
-    )
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    counts = P.count_trainable(config, lora("causal_lm", 16, 32, targets), "causal_lm")
     return config, counts
 
 
@@ -64,11 +67,11 @@ def test_tutorial_figures_are_not_reachable(bert_counts: dict) -> None:
     # The tutorial's 590,848 is no count PEFT gives for LoRA on BERT: not at the r that comes
     # closest (16 on query+value: 589,824 + the 1,538 head), nor at any r on any of its targets.
     config = P.load_model_config("bert-base-uncased")
-    r16 = P.count_trainable(config, **(BERT_SETUP | {"r": 16}))
+    r16 = P.count_trainable(config, lora("seq_cls", 16, 16, ["query", "value"]), "seq_cls", 2)
     assert (r16["lora_params"], r16["trainable"]) == (589_824, 591_362)
     per_r = {}
     for targets in (["query"], ["query", "value"], ["query", "key", "value"], ["dense"]):
-        counts = P.count_trainable(config, **(BERT_SETUP | {"r": 1, "target_modules": targets}))
+        counts = P.count_trainable(config, lora("seq_cls", 1, 16, targets), "seq_cls", 2)
         assert counts["trainable"] - counts["lora_params"] == 1_538  # the head copy
         assert counts["lora_params"] % 768 == 0
         per_r[tuple(targets)] = counts["lora_params"]  # LoRA grows linearly in r
@@ -83,10 +86,8 @@ def test_llama_70b_on_meta_is_fast_and_exact() -> None:
     start = time.perf_counter()
     counts = P.count_trainable(
         P.load_model_config("meta-llama/Llama-3.1-70B"),
+        lora("causal_lm", 4, 8, ["q_proj", "k_proj", "v_proj"]),
         "causal_lm",
-        r=4,
-        alpha=8,
-        target_modules=["q_proj", "k_proj", "v_proj"],
     )
     assert time.perf_counter() - start < 15
     # ru_maxrss is KiB on Linux; 140 GB of bf16 weights would be far beyond 2 GiB.
@@ -196,11 +197,14 @@ def test_rejects_bad_arguments(bert_counts: dict) -> None:
 def test_plan_of_the_packaged_default_matches_what_training_counts():
     """The planner's counts against the model the train stage builds (not a committed report)."""
     from lorapipe.config import load_params
-    from lorapipe.modeling import load_for_training
+    from lorapipe.lora import lora_config
+    from lorapipe.modeling import load_for_training, load_tokenizer
+    from lorapipe.runtime import resolve
     from tests.conftest import ROOT as root
 
     p = load_params(root / "params.yaml")
     config = P.load_model_config(p.model.name)  # pkg:… resolves to the package's folder
-    counts = P.count_trainable(config, p.task, p.lora.r, p.lora.alpha, p.lora.target_modules)
-    trained = load_for_training(p).get_nb_trainable_parameters()  # what train() reports
+    counts = P.count_trainable(config, lora_config(p), p.task, p.data.num_labels)
+    model = load_for_training(p, resolve(p, config), load_tokenizer(p))
+    trained = model.get_nb_trainable_parameters()  # what train() reports
     assert (counts["trainable"], counts["all"]) == trained == (74_498, 22_788_484)

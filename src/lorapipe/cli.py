@@ -32,9 +32,11 @@ def cmd_check(args: argparse.Namespace) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> None:
     from lorapipe import plan
+    from lorapipe.lora import check_variant
     from lorapipe.runtime import describe, detect
 
     p = _params(args)
+    check_variant(p)
     machine = describe(args.machine) if args.machine else detect()
     try:
         result = plan.machine_plan(p, machine)

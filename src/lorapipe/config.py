@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 # What every stage that loads the model reads: which model, for what task, on which tokens,
 # quantized how. The stages' *_KEYS lists (and dvc.yaml's params) start from these.
@@ -24,6 +24,9 @@ MODEL_KEYS = [
     "tokenize.layout",
 ]
 QUANT_KEYS = ["quant.bits", "quant.quant_type", "quant.double_quant", "quant.compute_dtype"]
+
+
+ALL_LINEAR = "all-linear"
 
 
 class UserError(Exception):
@@ -61,11 +64,29 @@ class TokenizeParams(_Section):
     layout: Literal["pack", "pad"] = "pack"
 
 
+def _all_linear(value: Any) -> Any:
+    return [value] if value == ALL_LINEAR else value
+
+
 class LoraParams(_Section):
     r: int = Field(8, gt=0)
     alpha: float = Field(16, gt=0)
     dropout: float = Field(0.1, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["query", "value"], min_length=1)
+    # `all-linear` (PEFT: every linear layer but the output head) is held as ["all-linear"].
+    target_modules: Annotated[list[str], BeforeValidator(_all_linear)] = Field(
+        default_factory=lambda: ["query", "value"], min_length=1
+    )
+    bias: Literal["none", "all", "lora_only"] = "none"
+    use_dora: bool = False
+    use_rslora: bool = Field(False, description="scaling alpha/sqrt(r) instead of alpha/r")
+    init: Literal[True, "kaiming", "gaussian", "pissa", "olora", "loftq"] = Field(
+        "kaiming", description="kaiming (PEFT's true): A random, B zero; pissa/olora: from W"
+    )
+    plus_lr_ratio: float | None = Field(None, gt=0, description="LoRA+: lr of B / lr of A")
+    # PEFT's per-layer overrides: a key is a layer name or regex (`layer.0.attention.self.query`,
+    # `value`), matched against the end of each targeted layer's full name.
+    rank_pattern: dict[str, Annotated[int, Field(gt=0)]] = Field(default_factory=dict)
+    alpha_pattern: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
 
 
 class QuantParams(_Section):

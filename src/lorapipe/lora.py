@@ -1,24 +1,96 @@
-"""LoraConfig from params, and the check that every target module exists in the model."""
+"""LoraConfig from params (every variant through PEFT), and the checks that it fits the model."""
 
 from __future__ import annotations
 
-import torch
-from peft import LoraConfig
+import re
+from pathlib import Path
 
-from lorapipe.config import Params, UserError
+import torch
+from peft import LoraConfig, PeftModel
+from safetensors.torch import load_file, save_file
+
+from lorapipe.config import ALL_LINEAR, LoraParams, Params, UserError
 from lorapipe.tasks import get_task
+
+# Inits that move the top of W into A·B (W_res = W − s·B0·A0): the saved adapter is converted to
+# a plain LoRA of rank 2r (ΔW = B·A − B0·A0) that applies to the original base.
+RESIDUAL_INITS = ("pissa", "olora")
+# The params that define the adapter's shape, scaling and init (train and merge read them).
+ADAPTER_KEYS = [
+    "lora.r",
+    "lora.alpha",
+    "lora.target_modules",
+    "lora.bias",
+    "lora.use_dora",
+    "lora.use_rslora",
+    "lora.init",
+    "lora.rank_pattern",
+    "lora.alpha_pattern",
+]
+
+
+def peft_config(lora: LoraParams, task: str) -> LoraConfig:
+    """h = Wx + s·B·A·x with s = alpha/r (alpha/√r under rsLoRA); DoRA rescales each column."""
+    return LoraConfig(
+        task_type=get_task(task).peft_task_type,
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=ALL_LINEAR if lora.target_modules == [ALL_LINEAR] else lora.target_modules,
+        bias=lora.bias,
+        use_dora=lora.use_dora,
+        use_rslora=lora.use_rslora,
+        init_lora_weights=True if lora.init in (True, "kaiming") else lora.init,
+        rank_pattern=dict(lora.rank_pattern),
+        alpha_pattern=dict(lora.alpha_pattern),
+    )
 
 
 def lora_config(p: Params) -> LoraConfig:
-    """h = Wx + b + (alpha/r)·B·A·x; PEFT starts A random (Kaiming) and B at zero."""
-    return LoraConfig(
-        task_type=get_task(p.task).peft_task_type,
-        r=p.lora.r,
-        lora_alpha=p.lora.alpha,
-        lora_dropout=p.lora.dropout,
-        target_modules=list(p.lora.target_modules),
-        bias="none",
-    )
+    return peft_config(p.lora, p.task)
+
+
+def scaling(lora: LoraParams) -> float:
+    """The factor on B·A for layers without a pattern override."""
+    return lora.alpha / (lora.r**0.5 if lora.use_rslora else lora.r)
+
+
+def check_variant(p: Params) -> None:
+    """Refuse what PEFT would refuse (or silently get wrong) for this base, before weights load."""
+    lora, bits = p.lora, p.quant.bits
+    if lora.init == "loftq":
+        # peft 0.21's loftq_init/replace_lora_weights_loftq compute on "cuda" only, and the adapter
+        # they give complements the 4-bit weights: merged into the full-precision base it is wrong.
+        raise UserError(
+            "lora.init: loftq is not supported (PEFT computes it on CUDA only, and its adapter "
+            "fits the 4-bit weights, not the full-precision base the merge stage uses); "
+            "use kaiming, gaussian, pissa or olora"
+        )
+    if lora.init in RESIDUAL_INITS:
+        if bits != "none":
+            # PEFT raises for pissa on k-bit weights; olora re-quantizes W_res, so the converted
+            # adapter would not match Quant(W) + ΔW.
+            raise UserError(
+                f"lora.init: {lora.init} needs full-precision base weights (it factorizes W), "
+                f"not quant.bits: {bits}; set quant.bits: none or lora.init: kaiming"
+            )
+        if lora.use_dora:
+            raise UserError(
+                f"lora.use_dora: cannot combine with lora.init: {lora.init} (the saved adapter is "
+                "converted to plain LoRA ΔW = BA − B0A0, which has no DoRA magnitude)"
+            )
+        if lora.bias != "none":
+            # The conversion loads the initial adapter beside the trained one: PEFT allows a
+            # trained bias on one adapter only.
+            raise UserError(
+                f"lora.bias: {lora.bias} cannot combine with lora.init: {lora.init} (PEFT's "
+                "conversion to a plain LoRA of the original base needs bias: none)"
+            )
+        if lora.use_rslora and (lora.rank_pattern or lora.alpha_pattern):
+            raise UserError(
+                f"lora.use_rslora: PEFT cannot convert a {lora.init} adapter back to the original "
+                "base with rank_pattern/alpha_pattern under rsLoRA; drop one of them"
+            )
 
 
 def linear_layer_names(model: torch.nn.Module) -> list[str]:
@@ -30,11 +102,46 @@ def linear_layer_names(model: torch.nn.Module) -> list[str]:
     return sorted(names)
 
 
-def check_target_modules(model: torch.nn.Module, targets: list[str]) -> None:
-    available = linear_layer_names(model)
-    missing = [t for t in targets if t not in available]
-    if missing:
-        raise UserError(
-            f"lora.target_modules: {', '.join(missing)} match no layer of the model; "
-            f"its linear layers are: {', '.join(available)}"
-        )
+def check_target_modules(model: torch.nn.Module, lora: LoraParams) -> None:
+    """Every named target and every rank/alpha pattern key must match a layer of the model."""
+    if lora.target_modules == [ALL_LINEAR]:
+        targets = None  # PEFT picks them
+    else:
+        targets = list(lora.target_modules)
+        available = linear_layer_names(model)
+        missing = [t for t in targets if t not in available]
+        if missing:
+            raise UserError(
+                f"lora.target_modules: {', '.join(missing)} match no layer of the model; "
+                f"its linear layers are: {', '.join(available)}"
+            )
+    linear = [
+        n
+        for n, m in model.named_modules()
+        if (isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D")
+        and (targets is None or n.rsplit(".", 1)[-1] in targets)
+    ]
+    for field in ("rank_pattern", "alpha_pattern"):
+        for key in getattr(lora, field):
+            # PEFT's own rule (peft.utils.other.get_pattern_key): the key matches a name's tail.
+            if not any(re.match(rf"(.*\.)?({key})$", n) for n in linear):
+                raise UserError(f"lora.{field}: '{key}' matches no targeted layer of the model")
+
+
+def save_adapter(model: PeftModel, out: Path, initial: Path | None) -> None:
+    """Save the adapter so that it applies to the ORIGINAL base.
+
+    `initial`: the adapter as a residual init (pissa/olora) left it before training; PEFT then
+    saves ΔW = B·A − B0·A0 as a rank-2r LoRA. Its conversion keeps only lora_A/lora_B, so the
+    other trained tensors (a classifier head, biases) are copied over from a plain save.
+    """
+    if initial is None:
+        model.save_pretrained(out)
+        return
+    model.save_pretrained(out)
+    weights = out / "adapter_model.safetensors"
+    plain = load_file(weights)
+    model.save_pretrained(out, path_initial_model_for_weight_conversion=str(initial))
+    converted = load_file(weights)
+    kept = {k: v for k, v in plain.items() if ".lora_A." not in k and ".lora_B." not in k}
+    save_file({**kept, **converted}, weights, metadata={"format": "pt"})

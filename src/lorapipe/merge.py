@@ -20,6 +20,7 @@ from lorapipe import progress
 from lorapipe.card import model_card
 from lorapipe.config import MODEL_KEYS, QUANT_KEYS, Params, UserError
 from lorapipe.io import atomic_dir, read_json, write_json
+from lorapipe.lora import ADAPTER_KEYS
 from lorapipe.modeling import load_config, load_tokenizer, load_with_adapter
 from lorapipe.runtime import Runtime, merge_runtime, resolve
 from lorapipe.sources import resolve_model
@@ -27,9 +28,7 @@ from lorapipe.tasks import IGNORE, get_task
 
 MERGE_KEYS = [
     *MODEL_KEYS,
-    "lora.r",
-    "lora.alpha",
-    "lora.target_modules",
+    *ADAPTER_KEYS,
     *QUANT_KEYS,
     "merge.tolerance",
     "merge.min_top1_agreement",

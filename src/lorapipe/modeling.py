@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrained
 
 from lorapipe import plan
 from lorapipe.config import Params, UserError
-from lorapipe.lora import check_target_modules, lora_config
+from lorapipe.lora import check_target_modules, check_variant, lora_config
 from lorapipe.quant import bnb_config, check_bitsandbytes
 from lorapipe.runtime import Runtime
 from lorapipe.sources import resolve_model
@@ -46,6 +46,7 @@ def check_max_length(p: Params, config: PretrainedConfig) -> None:
 
 def preflight(p: Params) -> PretrainedConfig:
     """Checks that need the model's shape but not its weights: seconds, before heavy work."""
+    check_variant(p)  # params alone: no config needed
     config = load_config(p)
     check_max_length(p, config)
     try:
@@ -54,7 +55,7 @@ def preflight(p: Params) -> PretrainedConfig:
         raise UserError(
             f"task: the model ({config.model_type}) cannot do {p.task}: {str(exc).splitlines()[0]}"
         ) from None
-    check_target_modules(meta, list(p.lora.target_modules))
+    check_target_modules(meta, p.lora)
     if p.quant.bits != "none":
         check_bitsandbytes()
     return config

@@ -7,6 +7,7 @@ meta device, so a 70B model is planned in seconds without downloading or allocat
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -81,15 +82,13 @@ def build_meta_model(config: PretrainedConfig, task: str, num_labels: int = 2) -
 
 
 def count_trainable(
-    config: PretrainedConfig,
-    task: str,
-    r: int,
-    alpha: int,
-    target_modules: list[str],
-    num_labels: int = 2,
-    dropout: float = 0.0,
+    config: PretrainedConfig, lora_config: LoraConfig, task: str, num_labels: int = 2
 ) -> dict:
-    """Wrap a meta model with real PEFT LoRA and count parameters exactly as PEFT reports them."""
+    """Wrap a meta model with real PEFT LoRA and count parameters exactly as PEFT reports them.
+
+    `lora_config`: the one training uses (lorapipe.lora.lora_config(p)), so DoRA's magnitude
+    vectors, rank_pattern, all-linear and bias are counted as PEFT will count them.
+    """
     model = build_meta_model(config, task, num_labels)
     base_params = sum(p.numel() for p in model.parameters())
     # Mirror bitsandbytes: every nn.Linear is quantized except the output embedding, tied
@@ -100,16 +99,12 @@ def count_trainable(
         for n, m in model.named_modules()
         if type(m) is torch.nn.Linear and should_convert_module(n, skip)
     )
-    lora_config = LoraConfig(
-        task_type=_TASK_TYPES[task],
-        r=r,
-        lora_alpha=alpha,
-        target_modules=target_modules,
-        lora_dropout=dropout,
-    )
+    # The init only sets values (pissa/olora factorize W, which meta tensors do not hold): the
+    # shapes, hence the counts, are those of the default init.
+    lora_config = dataclasses.replace(lora_config, init_lora_weights=True)
     peft_model = get_peft_model(model, lora_config)
     trainable, total = peft_model.get_nb_trainable_parameters()
-    per_module = dict.fromkeys(target_modules, 0)
+    per_module: dict[str, int] = {}  # in the model's order
     for name, param in peft_model.named_parameters():
         if ".lora_" in name:
             # "...layer.0.attention.self.query.lora_A.default.weight" -> "query"
@@ -209,14 +204,13 @@ def estimate_eval_memory(
 
 def machine_plan(p: Any, machine: Any) -> dict:
     """What `p` resolves to on `machine`, with training and evaluation peaks per device."""
+    from lorapipe.lora import lora_config
     from lorapipe.runtime import resolve
 
     config = load_model_config(p.model.name)
     rt = resolve(p, config, machine)
     bits = None if p.quant.bits == "none" else int(p.quant.bits)
-    counts = count_trainable(
-        config, p.task, p.lora.r, p.lora.alpha, list(p.lora.target_modules), p.data.num_labels
-    )
+    counts = count_trainable(config, lora_config(p), p.task, p.data.num_labels)
     by_gc = {
         gc: estimate_memory(
             config,
@@ -324,7 +318,10 @@ def plan(
 ) -> str:
     """Load the config, count with PEFT on meta, estimate memory both ways and format it."""
     config = load_model_config(model_name)
-    counts = count_trainable(config, task, r, alpha, target_modules, num_labels)
+    lora_config = LoraConfig(
+        task_type=_TASK_TYPES[task], r=r, lora_alpha=alpha, target_modules=target_modules
+    )
+    counts = count_trainable(config, lora_config, task, num_labels)
     memory = [
         estimate_memory(config, counts, bits, batch_size, seq_len, gradient_checkpointing=gc)
         for gc in (False, True)

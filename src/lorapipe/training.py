@@ -21,6 +21,7 @@ from typing import Any
 import datasets
 import torch
 from dvclive import Live
+from peft.optimizers import create_loraplus_optimizer
 from safetensors import safe_open
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.integrations import DVCLiveCallback
@@ -30,6 +31,7 @@ from lorapipe import progress
 from lorapipe.card import model_card
 from lorapipe.config import MODEL_KEYS, QUANT_KEYS, Params, UserError, stage_params
 from lorapipe.io import atomic_dir, read_json, write_json
+from lorapipe.lora import ADAPTER_KEYS, RESIDUAL_INITS, save_adapter
 from lorapipe.modeling import load_config, load_for_training, load_tokenizer
 from lorapipe.runtime import Runtime, peak_memory_gb, resolve
 from lorapipe.tasks import get_task
@@ -39,10 +41,9 @@ log = logging.getLogger(__name__)
 # Exactly the params the train stage reads: dvc.yaml lists the same keys.
 TRAIN_KEYS = [
     *MODEL_KEYS,
-    "lora.r",
-    "lora.alpha",
+    *ADAPTER_KEYS,
     "lora.dropout",
-    "lora.target_modules",
+    "lora.plus_lr_ratio",
     *QUANT_KEYS,
     *(
         f"train.{k}"
@@ -134,12 +135,34 @@ class NonFiniteGuard(TrainerCallback):
 
 
 class GuardedTrainer(Trainer):
-    """Trainer with the non-finite-loss guard, batching rows of similar length."""
+    """Trainer with the non-finite-loss guard, batching rows of similar length.
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    With `loraplus_lr_ratio`, the optimizer is PEFT's LoRA+ one: B (and 1-d params) at ratio × lr.
+    """
+
+    def __init__(self, *args: Any, loraplus_lr_ratio: float | None = None, **kwargs: Any) -> None:
+        self.loraplus_lr_ratio = loraplus_lr_ratio
         super().__init__(*args, **kwargs)
         self.guard = NonFiniteGuard()
         self.add_callback(self.guard)
+
+    def create_optimizer(self, model: Any = None) -> Any:
+        if self.loraplus_lr_ratio is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        # Trainer's own optimizer class and settings (AdamW, betas, eps), only grouped by LoRA+;
+        # Trainer's linear scheduler then scales every group's lr alike, and a resume reloads
+        # optimizer.pt into the same groups.
+        cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+        kwargs.pop("lr", None)
+        self.optimizer = create_loraplus_optimizer(
+            model or self.model,
+            cls,
+            lr=self.args.learning_rate,
+            loraplus_lr_ratio=self.loraplus_lr_ratio,
+            loraplus_weight_decay=self.args.weight_decay,
+            **kwargs,
+        )
+        return self.optimizer
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         if self.args.train_sampling_strategy != "group_by_length":
@@ -380,6 +403,13 @@ def train(
     effective_batch = p.train.batch_size * p.train.grad_accum * world
     # Only rank 0 logs: a Live on another rank would clear and rewrite the same folder.
     main_rank = args.process_index == 0
+    initial = None
+    if p.lora.init in RESIDUAL_INITS:
+        # The adapter before any step, kept with the checkpoints so a resume converts the same way.
+        initial = work / "initial_adapter"
+        if main_rank and not initial.is_dir():
+            with atomic_dir(initial) as tmp:
+                model.save_pretrained(tmp)
     log.info(
         "rank %d/%d: %d train rows, effective batch %d (B %d × K %d × D %d)",
         args.process_index,
@@ -400,6 +430,7 @@ def train(
         processing_class=tok,
         compute_metrics=task.compute_metrics,
         callbacks=[StepAlignedDVCLive(live=live), *callbacks],
+        loraplus_lr_ratio=p.lora.plus_lr_ratio,
     )
     # Trainer's own: a bar, or (disable_tqdm) raw dicts printed; ours: the loss on the bar, lines
     trainer.remove_callback(ProgressCallback if progress.interactive() else PrinterCallback)
@@ -427,7 +458,7 @@ def train(
         live.make_summary()
         trained_with = stage_params(p, [*TRAIN_KEYS, "data.train", "data.eval"])
         with atomic_dir(adapter_out) as tmp:
-            model.save_pretrained(tmp)
+            save_adapter(model, tmp, initial)  # applies to the original base, whatever the init
             record_portable_base(tmp, p.model.name)
             tok.save_pretrained(tmp)
             write_json(tmp / "lorapipe_params.json", trained_with)
