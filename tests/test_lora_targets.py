@@ -1,0 +1,28 @@
+"""Which layers LoRA can target: Linear and GPT-2's Conv1D, by short name; a one-line refusal."""
+
+import pytest
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from lorapipe.config import UserError
+from lorapipe.lora import check_target_modules, linear_layer_names
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    config = GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=50, n_positions=16)
+    return GPT2LMHeadModel(config)
+
+
+def test_conv1d_and_linear_layers_by_short_name(gpt2):
+    # GPT-2's attention and MLP are transformers' Conv1D; only the head is an nn.Linear.
+    assert linear_layer_names(gpt2) == ["c_attn", "c_fc", "c_proj", "lm_head"]
+
+
+def test_missing_targets_are_named_with_the_real_ones(gpt2):
+    check_target_modules(gpt2, ["c_attn", "c_proj"])  # all exist: no error
+    with pytest.raises(UserError) as info:
+        check_target_modules(gpt2, ["c_attn", "q_proj", "v_proj"])
+    assert str(info.value) == (
+        "lora.target_modules: q_proj, v_proj match no layer of the model; "
+        "its linear layers are: c_attn, c_fc, c_proj, lm_head"
+    )
