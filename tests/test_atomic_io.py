@@ -61,7 +61,7 @@ def test_an_exception_in_the_block_keeps_the_previous_folder(tmp_path, error):
 
 
 def test_an_exception_with_no_previous_folder_leaves_no_folder(tmp_path):
-    out = tmp_path / "reports" / "merged"
+    out = tmp_path / "reports" / "deeper" / "merged"  # parents made as needed
     with pytest.raises(ValueError), atomic_dir(out) as tmp:
         (tmp / "config.json").write_text("{}")
         raise ValueError("refused")

@@ -64,9 +64,10 @@ def sft_params(**data):
     return parse_params(raw)
 
 
-CHAT = (
-    "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
-    "{% if add_generation_prompt %}<assistant> {% endif %}"
+CHAT = (  # case-sensitive roles: the word-piece tokenizer lowercases what it reads
+    "{% for m in messages %}{% if m['role'] == 'user' %}question{% elif m['role'] == "
+    "'assistant' %}answer{% endif %}: {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}answer: {% endif %}"
 )
 
 
@@ -81,7 +82,7 @@ def test_sft_chat_template_prompt_is_the_user_turn_and_loss_is_on_the_answer(cha
     p = sft_params(chat_template=True)
     rows = datasets.Dataset.from_dict({"input": ["what is two plus two"], "output": ["four"]})
     out = get_task("sft").tokenize(rows, chat_tok, p, "data.train")[0]
-    prompt = chat_tok("<user> what is two plus two <assistant> ", add_special_tokens=False)
+    prompt = chat_tok("question: what is two plus two answer: ", add_special_tokens=False)
     answer = chat_tok("four ", add_special_tokens=False)["input_ids"] + [chat_tok.eos_token_id]
     assert out["input_ids"] == prompt["input_ids"] + answer
     assert out["labels"] == [IGNORE] * len(prompt["input_ids"]) + answer
