@@ -33,8 +33,8 @@ test-fast: install
 bench: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) bench/run.py
 
-# Mutation testing of the core modules (not in CI; ~30 min on 2 cores, see README "Mutation
-# testing"). Config in pyproject.toml [tool.mutmut]; each mutant runs only the fast tests that
+# Mutation testing of the core modules (not in CI; 46 min on the shared 2-core CPU, see README
+# "Mutation testing"). Config in pyproject.toml [tool.mutmut]; each mutant runs only the fast tests that
 # call the mutated function. Of training.py only the sampler and the NaN guard are mutated.
 # mutants/ is mutmut's working copy; .dvc/ is made first as mutmut copies .dvc/config into it.
 # One OpenMP thread: mutmut forks a child per mutant, and torch's thread pool deadlocks in a fork.

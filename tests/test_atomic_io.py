@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -60,7 +61,7 @@ def test_an_exception_in_the_block_keeps_the_previous_folder(tmp_path, error):
 
 
 def test_an_exception_with_no_previous_folder_leaves_no_folder(tmp_path):
-    out = tmp_path / "reports" / "merged"
+    out = tmp_path / "reports" / "deeper" / "merged"  # parents made as needed
     with pytest.raises(ValueError), atomic_dir(out) as tmp:
         (tmp / "config.json").write_text("{}")
         raise ValueError("refused")
@@ -119,3 +120,20 @@ def test_write_json_is_sorted_indented_and_newline_terminated(tmp_path):
     write_text_atomic(path, "é")
     assert path.read_bytes() == "é".encode()
     assert [p.name for p in path.parent.iterdir()] == ["m.json"]
+
+
+def test_write_text_atomic_writes_a_hidden_sibling_then_renames_it(tmp_path, monkeypatch):
+    """A rename within one folder is atomic; a temporary elsewhere could cross file systems."""
+    renames = []
+    replace = os.replace
+
+    def recording_replace(src, dst):
+        renames.append((Path(src), Path(dst)))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", recording_replace)
+    path = tmp_path / "reports" / "merge.json"
+    write_json(path, {"passed": True})
+    [(src, dst)] = renames
+    assert dst == path and src.parent == path.parent
+    assert src.name.startswith(".merge.json.tmp-")

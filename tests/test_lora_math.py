@@ -96,5 +96,6 @@ def test_perplexity_is_token_weighted_not_a_mean_of_batch_means(tiny_llama):
 
 def test_perplexity_needs_a_target_token():
     assert math.isclose(perplexity(3.0, 2), math.exp(1.5))
-    with pytest.raises(ValueError):
+    assert math.isclose(perplexity(2.0, 1), math.exp(2.0))  # one token is enough
+    with pytest.raises(ValueError, match=r"^perplexity needs at least one target token$"):
         perplexity(0.0, 0)

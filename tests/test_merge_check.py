@@ -9,7 +9,12 @@ import torch
 import yaml
 from peft import get_peft_model
 from peft.tuners.lora import Linear as LoraLinear
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+)
 
 from lorapipe.config import UserError, parse_params, stage_params
 from lorapipe.lora import lora_config
@@ -99,10 +104,15 @@ def test_a_correct_merge_passes_well_within_the_tolerance(trained, tiny_bert, tm
     assert result["passed"] and result["max_abs_logit_diff"] < 1e-5
     assert result["probe_rows"] == 8 and result["tolerance"] == 1e-4
     assert json.loads((tmp_path / "merge.json").read_text()) == result
+    assert "max_abs_logit_diff_vs_quantized" not in result  # full precision: no 4-bit base
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
     assert not any("lora" in name for name, _ in merged.named_parameters())
-    assert (tmp_path / "merged" / "README.md").is_file()
     assert (tmp_path / "merged" / "tokenizer_config.json").is_file()
+    card = (tmp_path / "merged" / "README.md").read_text()
+    assert "\n# Merged LoRA model\n" in card
+    shown = json.loads(card.split("## Metrics\n\n```json\n")[1].split("```")[0])
+    assert shown == {"train": {"trainable_params": 1}, "merge": result}
+    assert f"from_pretrained('{tmp_path / 'merged'}')" in card
 
 
 @pytest.mark.parametrize("previous", [False, True])
@@ -120,7 +130,8 @@ def test_a_wrong_merge_is_refused_says_by_how_much_and_writes_nothing(
     with pytest.raises(UserError) as info:
         run_merge(p, trained, tmp_path)
     message = str(info.value)
-    assert "\n" not in message and "merge.tolerance" in message and "nothing" in message
+    assert "\n" not in message and "merge.tolerance" in message
+    assert message.endswith("; nothing was written")
     said = float(re.search(r"difference ([0-9.e+-]+)", message).group(1))
     assert said == pytest.approx(expected, rel=1e-2)
     left = sorted(x.name for x in tmp_path.iterdir())
@@ -155,3 +166,27 @@ def test_top1_agreement_decides_too(trained, tiny_bert, tmp_path, monkeypatch):
 def test_the_probe_is_the_first_probe_size_eval_rows(trained, tiny_bert, tmp_path):
     assert run_merge(params(tiny_bert, probe_size=3), trained, tmp_path)["probe_rows"] == 3
     assert run_merge(params(tiny_bert, probe_size=99), trained, tmp_path)["probe_rows"] == 12
+
+
+def test_a_causal_lm_merge_is_checked_on_its_own_collated_probe(tiny_llama, tmp_path):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["task"], raw["model"]["name"] = "causal_lm", str(tiny_llama)
+    raw["data"]["text_field"] = "text"
+    raw["tokenize"].update(layout="pad", max_length=16)
+    raw["lora"].update(dropout=0.0, target_modules=["q_proj", "v_proj"])
+    p = parse_params(raw)
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    rows = datasets.Dataset.from_dict({"text": SENTENCES})
+    eval_rows = get_task("causal_lm").tokenize(rows, tok, p, "data.eval")
+    datasets.DatasetDict({"eval": eval_rows}).save_to_disk(str(tmp_path / "tokenized"))
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama), lora_config(p))
+    for name, weight in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(weight, std=1.0)
+    model.save_pretrained(tmp_path / "adapter")
+    trained_with = stage_params(p, [*TRAIN_KEYS, "data.train", "data.eval"])
+    (tmp_path / "adapter" / "lorapipe_params.json").write_text(json.dumps(trained_with))
+    (tmp_path / "metrics.json").write_text("{}")
+    result = run_merge(p, tmp_path, tmp_path / "out")
+    assert result["passed"] and result["max_abs_logit_diff"] < 1e-5
+    assert "AutoModelForCausalLM" in (tmp_path / "out" / "merged" / "README.md").read_text()

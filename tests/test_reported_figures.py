@@ -34,7 +34,7 @@ def test_model_card_states_alpha_over_r(tiny_bert, r, alpha, scaling):
     p = small_params(str(tiny_bert))
     params = stage_params(p, [*TRAIN_KEYS, "data.train", "data.eval"])
     params.update({"lora.r": r, "lora.alpha": alpha})
-    card = model_card("LoRA adapter", params, {"accuracy": 0.9}, "from peft import X")
+    card = model_card("LoRA adapter", params, {"loss": 0.3, "accuracy": 0.9}, "from peft import X")
     assert f"LoRA r={r}, alpha={alpha} (scaling {scaling}) on query, value;" in card
     front = yaml.safe_load(card.split("---\n")[1])
     assert front == {
@@ -42,8 +42,13 @@ def test_model_card_states_alpha_over_r(tiny_bert, r, alpha, scaling):
         "base_model": str(tiny_bert),
         "tags": ["lora", "peft", "dvc", "seq_cls"],
     }
-    assert '"accuracy": 0.9' in card and "from peft import X" in card
-    assert yaml.safe_load(card.split("```yaml\n")[1].split("```")[0]) == params
+    assert "```python\nfrom peft import X\n```" in card
+    # Metrics as sorted, indented JSON; params in the order the stage lists them.
+    assert '```json\n{\n  "accuracy": 0.9,\n  "loss": 0.3\n}\n```' in card
+    shown = card.split("```yaml\n")[1].split("```")[0]
+    assert yaml.safe_load(shown) == params
+    assert [line.split(":")[0] for line in shown.splitlines()[:3]] == list(params)[:3]
+    assert list(params)[:3] != sorted(params)[:3]
 
 
 def test_model_card_tags_4_bit_as_qlora(tiny_bert):

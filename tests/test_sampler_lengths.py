@@ -91,3 +91,9 @@ def test_an_exact_multiple_has_no_short_batch():
     chunks = [order[i : i + BATCH] for i in range(0, 160, BATCH)]
     assert all(len(c) == BATCH for c in chunks)
     assert max(rows[i] for i in chunks[0]) == max(rows)
+    # No short batch to hold back: the last place is as random as the others.
+    lasts = set()
+    for seed in range(6):
+        torch.manual_seed(seed)
+        lasts.add(max(rows[i] for i in list(LengthBucketSampler(rows, BATCH))[-BATCH:]))
+    assert len(lasts) > 2

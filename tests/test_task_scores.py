@@ -64,9 +64,10 @@ def sft_params(**data):
     return parse_params(raw)
 
 
-CHAT = (
-    "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
-    "{% if add_generation_prompt %}<assistant> {% endif %}"
+CHAT = (  # case-sensitive roles: the word-piece tokenizer lowercases what it reads
+    "{% for m in messages %}{% if m['role'] == 'user' %}question{% elif m['role'] == "
+    "'assistant' %}answer{% endif %}: {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}answer: {% endif %}"
 )
 
 
@@ -81,7 +82,7 @@ def test_sft_chat_template_prompt_is_the_user_turn_and_loss_is_on_the_answer(cha
     p = sft_params(chat_template=True)
     rows = datasets.Dataset.from_dict({"input": ["what is two plus two"], "output": ["four"]})
     out = get_task("sft").tokenize(rows, chat_tok, p, "data.train")[0]
-    prompt = chat_tok("<user> what is two plus two <assistant> ", add_special_tokens=False)
+    prompt = chat_tok("question: what is two plus two answer: ", add_special_tokens=False)
     answer = chat_tok("four ", add_special_tokens=False)["input_ids"] + [chat_tok.eos_token_id]
     assert out["input_ids"] == prompt["input_ids"] + answer
     assert out["labels"] == [IGNORE] * len(prompt["input_ids"]) + answer
@@ -152,3 +153,39 @@ def test_sft_with_every_prompt_too_long_says_so(plain_tok):
     with pytest.raises(UserError) as info:
         get_task("sft").tokenize(rows, plain_tok, sft_params(), "data.train")
     assert str(info.value) == ("data.train: every prompt is longer than tokenize.max_length=64")
+
+
+def cls_params(**tokenize):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["tokenize"].update(tokenize)
+    return parse_params(raw)
+
+
+def test_seq_cls_rows_are_cut_to_max_length(tiny_bert):
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    p = cls_params(max_length=8)
+    rows = datasets.Dataset.from_dict({"sentence": ["word " * 50, "ok"], "label": [0, 1]})
+    out = get_task("seq_cls").tokenize(rows, tok, p, "data.train")
+    assert out["length"][:] == [8, 3]
+    assert out["input_ids"][0][-1] == tok.sep_token_id  # cut, and still closed by [SEP]
+
+
+def test_seq_cls_errors_name_the_split_the_key_and_the_row(tiny_bert):
+    tok, task, p = AutoTokenizer.from_pretrained(tiny_bert), get_task("seq_cls"), cls_params()
+    no_label = datasets.Dataset.from_dict({"sentence": ["a"]})
+    with pytest.raises(UserError) as info:
+        task.tokenize(no_label, tok, p, "data.eval")
+    assert str(info.value) == (
+        "data.eval: no 'label' column (set data.label_field; columns: ['sentence'])"
+    )
+    no_text = datasets.Dataset.from_dict({"label": [1]})
+    with pytest.raises(UserError) as info:
+        task.tokenize(no_text, tok, p, "data.eval")
+    assert (
+        str(info.value)
+        == "data.eval: no 'sentence' column (set data.text_field; columns: ['label'])"
+    )
+    not_text = datasets.Dataset.from_dict({"sentence": ["a", "b", None], "label": [0, 1, 1]})
+    with pytest.raises(UserError) as info:
+        task.tokenize(not_text, tok, p, "data.eval")
+    assert str(info.value) == "data.eval: row 3: 'sentence' is None, not text"
