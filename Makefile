@@ -35,12 +35,12 @@ bench: install
 
 # Mutation testing of the core modules (not in CI; 46 min on the shared 2-core CPU, see README
 # "Mutation testing"). Config in pyproject.toml [tool.mutmut]; each mutant runs only the fast tests that
-# call the mutated function. Of training.py only the sampler and the NaN guard are mutated.
+# call the mutated function. Of training.py only the sampler is mutated, and the NaN guard in callbacks.py.
 # mutants/ is mutmut's working copy; .dvc/ is made first as mutmut copies .dvc/config into it.
 # One OpenMP thread: mutmut forks a child per mutant, and torch's thread pool deadlocks in a fork.
 MUTATE := 'lorapipe.merge.*' 'lorapipe.metrics.*' 'lorapipe.tasks.*' 'lorapipe.io.*' \
 	'lorapipe.config.*' 'lorapipe.lora.*' 'lorapipe.plan.*' 'lorapipe.card.*' \
-	'lorapipe.training.xǁLengthBucketSamplerǁ*' 'lorapipe.training.xǁGuardedTrainerǁtraining_step*'
+	'lorapipe.training.xǁLengthBucketSamplerǁ*' 'lorapipe.callbacks.xǁNonFiniteGuardǁ*'
 .PHONY: mutate
 mutate: install
 	rm -rf mutants && mkdir -p mutants/.dvc

@@ -13,10 +13,11 @@ import torch
 import yaml
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
+from lorapipe.callbacks import NonFiniteLoss
 from lorapipe.config import UserError, parse_params
 from lorapipe.evaluation import evaluate
 from lorapipe.pipeline import run_all
-from lorapipe.training import NonFiniteLoss, latest_checkpoint
+from lorapipe.training import latest_checkpoint
 from tests.conftest import MINILM, ROOT, make_project
 
 REPORTS = ["eval.json", "merge.json", "train/metrics.json"]

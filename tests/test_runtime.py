@@ -7,10 +7,10 @@ import torch
 import yaml
 
 from lorapipe import plan
+from lorapipe.callbacks import NonFiniteGuard
 from lorapipe.config import UserError, parse_params
 from lorapipe.recipes import list_recipes, recipe_params
 from lorapipe.runtime import Machine, describe, resolve
-from lorapipe.training import NonFiniteGuard
 from tests.conftest import ROOT
 
 MACHINES = ["cpu", "t4", "a10g", "h100", "h100x8"]

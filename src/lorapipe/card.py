@@ -1,11 +1,17 @@
-"""Model cards (README.md) for the adapter and merged folders, as hub users expect."""
+"""Model cards (README.md) for the adapter and merged folders, as hub users expect, and the
+portable base name an adapter records."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import yaml
+
+from lorapipe.config import Params
+from lorapipe.io import read_json, write_json
+from lorapipe.tasks import get_task
 
 
 def model_card(title: str, params: dict[str, Any], metrics: dict[str, Any], usage: str) -> str:
@@ -43,4 +49,38 @@ def model_card(title: str, params: dict[str, Any], metrics: dict[str, Any], usag
         f"## Usage\n\n```python\n{usage.strip()}\n```\n\n"
         f"## Metrics\n\n```json\n{json.dumps(metrics, indent=2, sort_keys=True)}\n```\n\n"
         f"## Training params\n\n```yaml\n{yaml.safe_dump(params, sort_keys=False)}```\n"
+    )
+
+
+def record_portable_base(folder: Path, name: str) -> None:
+    """Record the base as params name it (pkg:…, hub id), not as the folder it loaded from.
+
+    PEFT writes the resolved folder, for a packaged model a path inside this virtualenv: another
+    machine could not load it, and the adapter's DVC hash would differ per venv path.
+    modeling.load_with_adapter resolves the name on the machine that loads it. (Rewritten after
+    saving: PEFT's save looks the recorded name up as a folder or on the hub.)
+    """
+    config = folder / "adapter_config.json"
+    raw = read_json(config)
+    old, raw["base_model_name_or_path"] = raw.get("base_model_name_or_path"), name
+    write_json(config, raw)
+    readme = folder / "README.md"  # PEFT's own card (in checkpoints) names the base too
+    if old and readme.is_file():
+        readme.write_text(readme.read_text(encoding="utf-8").replace(old, name), encoding="utf-8")
+
+
+def usage(p: Params, adapter: Path) -> str:
+    """The model card's snippet: PEFT alone reads a hub id; a pkg: base needs lorapipe."""
+    task = get_task(p.task)
+    if not p.model.name.startswith("pkg:") and not p.model.name.endswith(".gguf"):
+        auto = task.auto_model.__name__.replace("AutoModel", "AutoPeftModel")
+        return f"from peft import {auto}\nmodel = {auto}.from_pretrained('{adapter}')"
+    return (
+        "from lorapipe.config import load_params\n"
+        "from lorapipe.modeling import load_config, load_tokenizer, load_with_adapter\n"
+        "from lorapipe.runtime import resolve\n\n"
+        "# resolves the base this adapter records (a packaged model) on this machine\n"
+        "p = load_params('params.yaml')\n"
+        "rt, pad = resolve(p, load_config(p)), load_tokenizer(p).pad_token_id\n"
+        f"model = load_with_adapter(p, rt, '{adapter}', pad)"
     )

@@ -260,3 +260,26 @@ def autocast(rt: Runtime) -> torch.autocast:
     """The autocast training used, for evaluation and the merge check: same numerics."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(rt.mixed_precision)
     return torch.autocast(rt.machine.accelerator, dtype=dtype, enabled=dtype is not None)
+
+
+def throughput(rt: Runtime, rows: Any, samples: int, seconds: float, params: int) -> dict[str, Any]:
+    """Wall-clock figures (they differ run to run: timing.json, not metrics.json).
+
+    tokens/s counts real (non-pad) tokens, from the set's mean row length. MFU takes 4·N FLOPs
+    per token for N base params (forward 2N, backward 2N for activation gradients only: the base
+    is frozen; LoRA's own FLOPs and attention's are left out, recomputation is not counted).
+    """
+    tokens = samples * sum(rows["length"][:]) / max(len(rows), 1)
+    out: dict[str, Any] = {
+        "train_seconds": round(seconds, 2),
+        "samples_per_second": round(samples / seconds, 2),
+        "tokens_per_second": round(tokens / seconds, 1),
+        "device": rt.machine.name,
+    }
+    peak = rt.machine.peak_tflops
+    if peak:
+        out["mfu"] = round(4 * params * tokens / seconds / (peak * 1e12 * rt.world_size), 4)
+    memory = peak_memory_gb(rt)
+    if memory is not None:
+        out["peak_memory_gb_per_device"] = round(memory, 2)
+    return out

@@ -24,16 +24,21 @@ from dvclive import Live
 from peft.optimizers import create_loraplus_optimizer
 from safetensors import safe_open
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
-from transformers.integrations import DVCLiveCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from lorapipe import progress
-from lorapipe.card import model_card
-from lorapipe.config import MODEL_KEYS, QUANT_KEYS, Params, UserError, stage_params
-from lorapipe.io import atomic_dir, read_json, write_json
+from lorapipe.callbacks import (
+    LossBar,
+    NonFiniteGuard,
+    StepAlignedDVCLive,
+    StepLines,
+)
+from lorapipe.card import model_card, record_portable_base, usage
+from lorapipe.config import MODEL_KEYS, QUANT_KEYS, Params, stage_params
+from lorapipe.io import atomic_dir, write_json
 from lorapipe.lora import ADAPTER_KEYS, RESIDUAL_INITS, save_adapter
 from lorapipe.modeling import load_config, load_for_training, load_tokenizer
-from lorapipe.runtime import Runtime, peak_memory_gb, resolve
+from lorapipe.runtime import Runtime, resolve, throughput
 from lorapipe.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -77,10 +82,6 @@ CHECKPOINT_FILES = (
 )
 
 
-class NonFiniteLoss(UserError):
-    pass
-
-
 class LengthBucketSampler(torch.utils.data.Sampler[int]):
     """Rows sorted by length and cut into batches; the batches come in random order.
 
@@ -107,31 +108,6 @@ class LengthBucketSampler(torch.utils.data.Sampler[int]):
         short = [rest.pop()] if rest and len(rest[-1]) < self.batch_size else []
         for batch in [first, *(rest[i] for i in torch.randperm(len(rest)).tolist()), *short]:
             yield from batch.tolist()
-
-
-class NonFiniteGuard(TrainerCallback):
-    """Stops at the first non-finite loss, before the optimizer step can spread it to the weights.
-
-    Each micro-step's loss is folded into a flag on the device (no host sync); the host reads
-    the flag once per optimizer step, just before the step, so no non-finite weight is ever
-    applied, checkpointed or saved.
-    """
-
-    def __init__(self) -> None:
-        self.flag: torch.Tensor | None = None
-
-    def observe(self, loss: torch.Tensor) -> None:
-        bad = ~torch.isfinite(loss.detach()).all()
-        self.flag = bad if self.flag is None else self.flag | bad
-
-    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        flag, self.flag = self.flag, None
-        if flag is not None and bool(flag):  # the one sync per optimizer step
-            raise NonFiniteLoss(
-                f"train: loss became nan or inf at step {state.global_step + 1}; the last good "
-                f"checkpoint is kept in {args.output_dir}; lower train.learning_rate or train in "
-                "fp32 (train.mixed_precision: no)"
-            )
 
 
 class GuardedTrainer(Trainer):
@@ -182,65 +158,6 @@ class GuardedTrainer(Trainer):
         return loss
 
 
-class StepAlignedDVCLive(DVCLiveCallback):
-    """transformers' DVCLive callback with DVCLive's step = the optimizer step.
-
-    The stock callback counts log calls, so after a resume the curves would restart at 0; here a
-    resumed run first replays the history saved in its checkpoint. It also skips copying
-    TrainingArguments into DVCLive's params (params.yaml is the record).
-    """
-
-    def setup(self, args: Any, state: Any, model: Any) -> None:
-        self._initialized = True
-
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.setup(args, state, None)
-        if state.is_world_process_zero:
-            for entry in state.log_history:
-                logs = {k: v for k, v in entry.items() if k != "step"}
-                self.live.step = entry["step"]
-                super().on_log(args, state, control, logs=logs)
-
-    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
-        if state.is_world_process_zero:
-            self.live.step = state.global_step
-            # Wall-clock figures differ run to run (they go to timing.json), and Trainer's
-            # run-mean train_loss covers only the steps since a resume: the per-step curve stays.
-            logs = {
-                k: v
-                for k, v in logs.items()
-                if not k.endswith(("runtime", "per_second")) and k != "train_loss"
-            }
-        super().on_log(args, state, control, logs=logs, **kwargs)
-
-
-class StepLines(TrainerCallback):
-    """Not a terminal: one line per logging step (Trainer's PrinterCallback prints raw dicts)."""
-
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.start, self.first_step = time.perf_counter(), state.global_step
-
-    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
-        if state.is_world_process_zero and logs:
-            elapsed, done = time.perf_counter() - self.start, state.global_step - self.first_step
-            line = progress.step_line(state.global_step, state.max_steps, logs, elapsed, done)
-            print(line, flush=True)
-
-
-class LossBar(ProgressCallback):
-    """A terminal: Trainer's bar (steps, rate, time left) with the last loss on it; eval results
-    print above it (the stock callback prints every log dict there)."""
-
-    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
-        if not (state.is_world_process_zero and self.training_bar is not None and logs):
-            return
-        if "loss" in logs:
-            self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
-        evals = {k: v for k, v in logs.items() if k.startswith("eval_") and "per_second" not in k}
-        if evals:
-            self.training_bar.write(progress.step_line(state.global_step, state.max_steps, evals))
-
-
 def fingerprint(p: Params, tokenized: Path) -> str:
     meta = (tokenized / "meta.json").read_text(encoding="utf-8")
     payload = json.dumps([stage_params(p, TRAIN_KEYS), meta], sort_keys=True)
@@ -265,40 +182,6 @@ def latest_checkpoint(work: Path) -> Path | None:
             return folder
         warnings.warn(f"skipping incomplete checkpoint {folder}", stacklevel=2)
     return None
-
-
-def record_portable_base(folder: Path, name: str) -> None:
-    """Record the base as params name it (pkg:…, hub id), not as the folder it loaded from.
-
-    PEFT writes the resolved folder, for a packaged model a path inside this virtualenv: another
-    machine could not load it, and the adapter's DVC hash would differ per venv path.
-    modeling.load_with_adapter resolves the name on the machine that loads it. (Rewritten after
-    saving: PEFT's save looks the recorded name up as a folder or on the hub.)
-    """
-    config = folder / "adapter_config.json"
-    raw = read_json(config)
-    old, raw["base_model_name_or_path"] = raw.get("base_model_name_or_path"), name
-    write_json(config, raw)
-    readme = folder / "README.md"  # PEFT's own card (in checkpoints) names the base too
-    if old and readme.is_file():
-        readme.write_text(readme.read_text(encoding="utf-8").replace(old, name), encoding="utf-8")
-
-
-def usage(p: Params, adapter: Path) -> str:
-    """The model card's snippet: PEFT alone reads a hub id; a pkg: base needs lorapipe."""
-    task = get_task(p.task)
-    if not p.model.name.startswith("pkg:") and not p.model.name.endswith(".gguf"):
-        auto = task.auto_model.__name__.replace("AutoModel", "AutoPeftModel")
-        return f"from peft import {auto}\nmodel = {auto}.from_pretrained('{adapter}')"
-    return (
-        "from lorapipe.config import load_params\n"
-        "from lorapipe.modeling import load_config, load_tokenizer, load_with_adapter\n"
-        "from lorapipe.runtime import resolve\n\n"
-        "# resolves the base this adapter records (a packaged model) on this machine\n"
-        "p = load_params('params.yaml')\n"
-        "rt, pad = resolve(p, load_config(p)), load_tokenizer(p).pad_token_id\n"
-        f"model = load_with_adapter(p, rt, '{adapter}', pad)"
-    )
 
 
 def training_args(
@@ -347,31 +230,6 @@ def training_args(
         # back; classifiers' losses are per-example means that never do (2x gradients on 2 ranks).
         average_tokens_across_devices=get_task(p.task).token_weighted_loss,
     )
-
-
-def throughput(
-    rt: Runtime, rows: datasets.Dataset, samples: int, seconds: float, params: int
-) -> dict[str, Any]:
-    """Wall-clock figures (they differ run to run: timing.json, not metrics.json).
-
-    tokens/s counts real (non-pad) tokens, from the set's mean row length. MFU takes 4·N FLOPs
-    per token for N base params (forward 2N, backward 2N for activation gradients only: the base
-    is frozen; LoRA's own FLOPs and attention's are left out, recomputation is not counted).
-    """
-    tokens = samples * sum(rows["length"][:]) / max(len(rows), 1)
-    out: dict[str, Any] = {
-        "train_seconds": round(seconds, 2),
-        "samples_per_second": round(samples / seconds, 2),
-        "tokens_per_second": round(tokens / seconds, 1),
-        "device": rt.machine.name,
-    }
-    peak = rt.machine.peak_tflops
-    if peak:
-        out["mfu"] = round(4 * params * tokens / seconds / (peak * 1e12 * rt.world_size), 4)
-    memory = peak_memory_gb(rt)
-    if memory is not None:
-        out["peak_memory_gb_per_device"] = round(memory, 2)
-    return out
 
 
 def train(
