@@ -17,6 +17,7 @@ from lorapipe.card import model_card
 from lorapipe.config import MODEL_KEYS, QUANT_KEYS, Params, UserError
 from lorapipe.io import atomic_dir, read_json, write_json
 from lorapipe.modeling import load_tokenizer, load_with_adapter
+from lorapipe.packing import model_inputs
 from lorapipe.tasks import get_task
 
 MERGE_KEYS = [
@@ -32,8 +33,7 @@ MERGE_KEYS = [
 
 @torch.no_grad()
 def _logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    device = next(model.parameters()).device
-    inputs = {k: v.to(device) for k, v in batch.items() if k not in ("labels", "length")}
+    inputs = model_inputs(batch, next(model.parameters()).device)  # packed: position_ids, no cache
     return model(**inputs).logits.float().cpu()
 
 

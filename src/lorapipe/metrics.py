@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from lorapipe.packing import model_inputs
+
 
 def perplexity(nll_sum: float, tokens: int) -> float:
     """exp(mean token NLL) over all target tokens: sums across batches, never a mean of means."""
@@ -30,8 +32,7 @@ def evaluate_model(
     sums: dict[str, Any] = {}
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        logits = model(**inputs).logits
+        logits = model(**model_inputs(batch, device)).logits
         for key, value in task.score_batch(logits, batch).items():
             sums[key] = sums[key] + value if key in sums else value
     return task.summarize(sums)
