@@ -1,9 +1,11 @@
 """Packing without cross-talk: whole documents in blocks, positions restarting at each one.
 
 transformers turns restarting `position_ids` into a block-diagonal causal mask (sdpa, eager,
-flex) or variable-length flash-attention, but only for a batch with no attention_mask and no
-KV cache (masking_utils.find_packed_sequence_indices): so packed batches carry position_ids and
-no mask, and every forward on them passes use_cache=False (`model_inputs`).
+flex), but only for a batch with no attention_mask and no KV cache
+(masking_utils.find_packed_sequence_indices): so packed batches carry position_ids and no mask,
+and every forward on them passes use_cache=False (`model_inputs`). Its flash-attention path
+reads packing from position_ids only in a batch of one flattened row (_is_packed_sequence);
+the pipeline loads sdpa.
 """
 
 from __future__ import annotations
