@@ -106,7 +106,10 @@ def test_a_template_that_rewrites_earlier_turns_fails_naming_the_row(tok):
         "<{{ m['role'] }}>{{ m['content'] }}</s>{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}<assistant>{% endif %}"
     )
-    with pytest.raises(UserError, match=r"^data.train: row 2: the chat template does not extend"):
+    with pytest.raises(
+        UserError,
+        match=r"^data.format: the template does not extend turn by turn \(data.train row 2, turn 5",
+    ):
         get_task("sft").tokenize(rows, tok, params(), "data.train")
 
 
@@ -166,3 +169,16 @@ def test_generate_applies_the_chat_template(tok, tmp_path, monkeypatch, capsys):
     )
     assert seen[1] == "What does pass do?" + params().data.separator
     assert '"generated"' in capsys.readouterr().out
+
+
+def test_a_template_without_an_end_of_turn_gets_eos_after_the_answer():
+    tok = AutoTokenizer.from_pretrained(resolve_model(SMOLLM2))
+    tok.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
+        "{% if add_generation_prompt %}<assistant> {% endif %}"
+    )
+    rows = datasets.Dataset.from_dict({"input": ["two plus two?"], "output": ["four"]})
+    out = get_task("sft").tokenize(rows, tok, params("pair", chat_template=True), "data.train")
+    labelled = [t for t in out[0]["labels"] if t != IGNORE]
+    assert labelled == tok(" four", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert out[0]["input_ids"][-1] == tok.eos_token_id

@@ -104,14 +104,15 @@ def prompt_text(tok: PreTrainedTokenizerBase, d: DataParams, message: str) -> st
 
 
 def conversation_ids(
-    tok: PreTrainedTokenizerBase, messages: list[dict], where: str, row: int
+    tok: PreTrainedTokenizerBase, messages: list[dict], where: str, row: int, key: str
 ) -> tuple[list[int], list[int]]:
     """The template-rendered conversation; labels on each assistant turn and its end-of-turn.
 
     Each assistant turn's text is what rendering it adds after the generation prompt, so the
-    template must extend turn by turn (checked); whitespace the template puts after the
-    end-of-turn token stays context. Tokenized once, whole: the ids are exactly what the model
-    is given at inference; character offsets say which tokens fall in an assistant turn.
+    template must extend turn by turn (checked; `key` names the param in the error);
+    whitespace the template puts after the end-of-turn token stays context. Tokenized once,
+    whole: the ids are what the model is given at inference; character offsets say which
+    tokens fall in an assistant turn.
     """
 
     def render(turns: list[dict], generation_prompt: bool) -> str:
@@ -121,8 +122,8 @@ def conversation_ids(
 
     def broken(turn: int) -> UserError:
         return UserError(
-            f"{where}: row {row}: the chat template does not extend turn by turn at turn {turn} "
-            "(it rewrites earlier turns), so assistant tokens cannot be told apart"
+            f"{key}: the template does not extend turn by turn ({where} row {row}, turn {turn}: "
+            "it rewrites earlier text), so the assistant tokens cannot be told apart"
         )
 
     spans, done = [], ""
@@ -140,9 +141,13 @@ def conversation_ids(
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
     labels = [
-        tid if any(a <= start < b for a, b in spans) else IGNORE
-        for tid, (start, _) in zip(ids, enc["offset_mapping"], strict=True)
+        tid if any(start < b and end > a for a, b in spans) else IGNORE  # overlaps a turn
+        for tid, (start, end) in zip(ids, enc["offset_mapping"], strict=True)
     ]
+    ends_with_answer = messages[-1]["role"] == "assistant"
+    if ends_with_answer and [t for t in labels if t != IGNORE][-1:] != [tok.eos_token_id]:
+        # A template with no end-of-turn token of its own: EOS teaches the model to stop.
+        ids, labels = [*ids, tok.eos_token_id], [*labels, tok.eos_token_id]
     return ids, labels
 
 
@@ -165,4 +170,5 @@ def encode(
             r_ids = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
             out.append((p_ids + r_ids, [IGNORE] * len(p_ids) + r_ids))
         return out
-    return [conversation_ids(tok, c, where, n) for n, c in enumerate(convs, 1)]
+    key = "data.format" if d.format in CONVERSATION_COLUMN else "data.chat_template"
+    return [conversation_ids(tok, c, where, n, key) for n, c in enumerate(convs, 1)]
