@@ -8,7 +8,7 @@ lorapipe.training.train) on the same rows, model, seed and batch size; they diff
 `tokenize.layout`: `pad` (a row per pair, batches of similar lengths, padded per batch) or
 `pack` (whole pairs best-fit into blocks, no padding inside a block, no cross-talk). Measured:
 real tokens/s (padding excluded) from the end of step 1 to the end of the last step, the train
-loss per step, and the held-out loss after training, scored on the same eval rows.
+loss per step, and the held-out loss after training (the evaluate stage, same eval rows).
 
 Writes reports/bench_sft.json and reports/bench_sft.png.
 """
@@ -31,10 +31,9 @@ from transformers import TrainerCallback
 
 from lorapipe.config import Params, parse_params
 from lorapipe.data import tokenize
-from lorapipe.metrics import evaluate_model
-from lorapipe.modeling import load_tokenizer, load_with_adapter
+from lorapipe.evaluation import evaluate
 from lorapipe.recipes import recipe_params
-from lorapipe.tasks import SFT, get_task
+from lorapipe.tasks import SFT
 from lorapipe.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,10 +92,11 @@ def side_params(layout: str, args: argparse.Namespace) -> Params:
         sampling="group_by_length",
         mixed_precision="no",
     )
+    raw["evaluate"].update(num_samples=0)  # held-out loss only, no generation
     return parse_params(raw, f"bench sft {layout}")
 
 
-def run_side(layout: str, args: argparse.Namespace, root: Path, eval_rows: Any) -> dict[str, Any]:
+def run_side(layout: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
     p = side_params(layout, args)
     tokenized = root / layout / "tokenized"
     meta = tokenize(p, tokenized)
@@ -113,11 +113,9 @@ def run_side(layout: str, args: argparse.Namespace, root: Path, eval_rows: Any) 
         )
     seconds = meter.step_ends[-1] - meter.step_ends[0]  # one-time costs of step 1 left out
     real, computed = sum(meter.real[1:]), sum(meter.computed[1:])
-    model = load_with_adapter(p, root / layout / "adapter")
-    task, tok, pad = get_task("sft"), load_tokenizer(p), side_params("pad", args)
-    held_out = evaluate_model(
-        model, eval_rows, task.collator(tok, pad), task, p.evaluate.batch_size
-    )
+    # The evaluate stage on this side's eval split: the same rows on both sides, packed or
+    # not (a packed eval set scores as its rows alone, tests/test_packing.py).
+    held_out = evaluate(p, tokenized, side / "adapter", side / "eval.json", side / "samples.json")
     train_rows = datasets.load_from_disk(str(tokenized))["train"]
     return {
         "train_rows": len(train_rows),
@@ -130,9 +128,10 @@ def run_side(layout: str, args: argparse.Namespace, root: Path, eval_rows: Any) 
         "real_tokens_per_step": round(sum(meter.real) / len(meter.real), 1),
         "epochs_seen": round(sum(meter.real) / meta["tokens"]["train"], 2),
         "loss_per_step": meter.losses,
-        "held_out_loss": round(held_out["loss"], 4),
-        "held_out_perplexity": round(held_out["perplexity"], 3),
-        "held_out_tokens": held_out["tokens"],
+        "held_out_loss": round(held_out["tuned"]["loss"], 4),
+        "held_out_perplexity": round(held_out["tuned"]["perplexity"], 3),
+        "held_out_tokens": held_out["tuned"]["tokens"],
+        "held_out_loss_base": round(held_out["base"]["loss"], 4),
     }
 
 
@@ -177,15 +176,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        # One held-out set for both sides: the pad layout's eval rows (packing would score the
-        # same, tests/test_packing.py), so the two losses differ only by the training.
-        p = side_params("pad", args)
-        tokenize(p, root / "eval_rows")
-        eval_rows = datasets.load_from_disk(str(root / "eval_rows"))["eval"]
-        sides = {layout: run_side(layout, args, root, eval_rows) for layout in ("pad", "pack")}
+        sides = {layout: run_side(layout, args, root) for layout in ("pad", "pack")}
     pad, pack = sides["pad"], sides["pack"]
     result = {
-        "model": p.model.name,
+        "model": side_params("pad", args).model.name,
         "data": "pydoc:qa",
         "max_length": args.max_length,
         "batch_size": args.batch,
