@@ -56,10 +56,15 @@ def test_perplexity_matches_a_direct_computation(tiny_llama):
 
 
 @pytest.mark.parametrize(
-    ("task", "layout"), [("causal_lm", "pack"), ("causal_lm", "pad"), ("sft", "pack")]
+    ("task", "layout", "perplexity"),
+    [
+        ("causal_lm", "pack", "blocks"),
+        ("causal_lm", "pad", "sliding_window"),
+        ("sft", "pack", "blocks"),
+    ],
 )
-def test_each_mode_runs_all_stages(tiny_llama, tmp_path, task, layout):
-    raw = causal_params(str(tiny_llama), tokenize__layout=layout)
+def test_each_mode_runs_all_stages(tiny_llama, tmp_path, task, layout, perplexity):
+    raw = causal_params(str(tiny_llama), tokenize__layout=layout, evaluate__perplexity=perplexity)
     raw["task"] = task
     if task == "sft":
         raw["data"]["train"] = "pydoc:qa"
@@ -68,6 +73,9 @@ def test_each_mode_runs_all_stages(tiny_llama, tmp_path, task, layout):
     tuned = result["eval"]["tuned"]
     assert tuned["tokens"] > 0 and math.isfinite(tuned["perplexity"])
     assert result["eval"]["base"]["tokens"] == tuned["tokens"]
+    if perplexity == "sliding_window":  # every token of the eval stream but the first, once
+        stream = datasets.load_from_disk(str(tmp_path / "tokenized"))["eval_stream"]
+        assert tuned["tokens"] == sum(len(x) for x in stream["input_ids"]) - 1
     assert result["merge"]["passed"]
     samples = (tmp_path / "reports/samples.json").read_text()
     assert '"generated"' in samples

@@ -50,7 +50,7 @@ def shrink(config, vocab_size: int):
     return type(config)(**raw)
 
 
-def tiny_data(task: str, folder, rows: int = 12):
+def tiny_data(task: str, folder, rows: int = 12, fmt: str = "pair"):
     sst = (ROOT / "data/raw/sst2/train.tsv").read_text().splitlines()[: rows + 1]
     if task == "seq_cls":
         (folder / "train.tsv").write_text("\n".join(sst) + "\n")
@@ -58,12 +58,15 @@ def tiny_data(task: str, folder, rows: int = 12):
     if task == "causal_lm":
         (folder / "train.txt").write_text("\n".join(s.split("\t")[0] for s in sst[1:]) * 3)
         return str(folder / "train.txt")
-    lines = [
-        json.dumps(
-            {"input": s.split("\t")[0], "output": ["negative", "positive"][int(s.split("\t")[1])]}
-        )
-        for s in sst[1:]
-    ]
+    pairs = [(s.split("\t")[0], ["negative", "positive"][int(s.split("\t")[1])]) for s in sst[1:]]
+    if fmt == "messages":
+        turns = [
+            [{"role": "user", "content": p}, {"role": "assistant", "content": r}] * 2
+            for p, r in pairs
+        ]
+        lines = [json.dumps({"messages": t}) for t in turns]
+    else:
+        lines = [json.dumps({"input": p, "output": r}) for p, r in pairs]
     (folder / "train.jsonl").write_text("\n".join(lines) + "\n")
     return str(folder / "train.jsonl")
 
@@ -80,7 +83,7 @@ def test_recipe_runs_on_a_shrunk_model(name, tmp_path):
     tok.save_pretrained(tmp_path / "model")
 
     raw = recipe.model_dump()
-    data = tiny_data(recipe.task, tmp_path)
+    data = tiny_data(recipe.task, tmp_path, fmt=recipe.data.format)
     raw["model"]["name"] = str(tmp_path / "model")
     raw["data"].update(train=data, eval=data, max_train_rows=None, max_eval_rows=None)
     raw["tokenize"]["max_length"] = min(raw["tokenize"]["max_length"], 64)

@@ -1,3 +1,5 @@
+from itertools import chain
+
 import datasets
 import pytest
 import yaml
@@ -51,14 +53,42 @@ def test_missing_text_column_lists_columns(tok):
         get_task("seq_cls").tokenize(rows, tok, params(), "data.train")
 
 
-def test_pack_makes_full_blocks_joined_by_eos(tok):
-    rows = datasets.Dataset.from_dict({"text": ["hello world " * 20, "", "second doc " * 30]})
+def test_pack_keeps_documents_whole_with_restarting_positions(tok):
+    rows = datasets.Dataset.from_dict({"text": ["hello world " * 20, "", "second doc", "third"]})
     p = params(data__text_field="text", tokenize__max_length=16)
     out = get_task("causal_lm").tokenize(rows, tok, p, "data.train")
-    assert set(out["length"]) == {16}
-    assert out["labels"][:] == out["input_ids"][:]
-    flat = [t for row in out["input_ids"] for t in row]
-    assert tok.eos_token_id in flat
+    assert "attention_mask" not in out.column_names  # packed: position_ids make the mask
+    docs = []
+    for ids, labels, positions in zip(
+        out["input_ids"], out["labels"], out["position_ids"], strict=True
+    ):
+        assert len(ids) <= 16
+        starts = [i for i, pos in enumerate(positions) if pos == 0]
+        for a, b in zip(starts, [*starts[1:], len(ids)], strict=True):
+            assert positions[a:b] == list(range(b - a))
+            assert labels[a:b] == [IGNORE, *ids[a + 1 : b]]
+            docs.append(ids[a:b])
+    first = tok("hello world " * 20, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    # the long text in pieces of at most 16 tokens, the short ones whole, each ending in EOS
+    assert sorted(docs) == sorted(
+        [first[i : i + 16] for i in range(0, len(first), 16)]
+        + [
+            tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            for t in ("second doc", "third")
+        ]
+    )
+
+
+def test_sft_pack_packs_pairs_without_padding(tok):
+    rows = datasets.Dataset.from_dict({"input": ["one", "two", "three"], "output": ["a", "b", "c"]})
+    p = params(tokenize__max_length=64)
+    packed = get_task("sft").tokenize(rows, tok, p, "data.train")
+    pad = params(tokenize__max_length=64, tokenize__layout="pad")
+    rows_out = get_task("sft").tokenize(rows, tok, pad, "data.train")
+    assert len(packed) == 1 and len(rows_out) == 3
+    assert packed[0]["input_ids"] == list(chain(*rows_out["input_ids"]))
+    assert packed[0]["labels"] == list(chain(*rows_out["labels"]))  # prompts -100, responses kept
+    assert packed[0]["position_ids"] == [i for n in rows_out["length"] for i in range(n)]
 
 
 def test_pad_layout_one_row_per_nonblank_line(tok):

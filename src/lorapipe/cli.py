@@ -153,12 +153,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
     import torch
 
     model, tok = _load(args, p)
+    from lorapipe.chat import prompt_text, require_template
+
+    if p.task == "sft":
+        require_template(tok, p.data)
     for line in lines:
-        prompt = line + p.data.separator if p.task == "sft" and not p.data.chat_template else line
-        if p.task == "sft" and p.data.chat_template:
-            prompt = tok.apply_chat_template(
-                [{"role": "user", "content": line}], add_generation_prompt=True, tokenize=False
-            )
+        # sft: what training put before an answer (the chat template or the separator)
+        prompt = prompt_text(tok, p.data, line) if p.task == "sft" else line
         enc = tok(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
         with torch.no_grad():
             out = model.generate(

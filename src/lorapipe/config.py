@@ -46,6 +46,9 @@ class DataParams(_Section):
     text_field: str = "sentence"
     label_field: str = "label"
     num_labels: int = Field(2, ge=2)
+    format: Literal["pair", "messages", "alpaca", "sharegpt"] = Field(
+        "pair", description="sft rows: input/output pair, chat messages, alpaca, sharegpt"
+    )
     input_field: str = "input"
     output_field: str = "output"
     separator: str = "\n### Response:\n"
@@ -125,6 +128,10 @@ class EvaluateParams(_Section):
     batch_size: int = Field(64, gt=0)
     num_samples: int = Field(3, ge=0, description="generated samples written for causal tasks")
     max_new_tokens: int = Field(40, gt=0)
+    perplexity: Literal["blocks", "sliding_window"] = Field(
+        "blocks", description="causal_lm: the eval blocks, or the eval text as one stream"
+    )
+    stride: int | None = Field(None, gt=0, description="sliding_window; null: max_length // 2")
 
 
 class MergeParams(_Section):
@@ -162,6 +169,13 @@ class Params(_Section):
         if self.quant.bits != "none" and self.train.mixed_precision == "fp16":
             # bitsandbytes' k-bit layers with fp16 autocast overflow on long sequences.
             raise ValueError("train.mixed_precision: fp16 with a quantized base; use bf16 or auto")
+        if self.data.format != "pair" and self.task != "sft":
+            raise ValueError(f"data.format: {self.data.format} is for task: sft, not {self.task}")
+        if self.evaluate.perplexity == "sliding_window" and self.task != "causal_lm":
+            raise ValueError(f"evaluate.perplexity: sliding_window is for causal_lm ({self.task})")
+        if (self.evaluate.stride or 0) >= self.tokenize.max_length:
+            # a window's first token has no context: the next window must score it
+            raise ValueError("evaluate.stride: must be below the window, tokenize.max_length")
         return self
 
 

@@ -32,6 +32,7 @@ TOKENIZE_KEYS = [
             "text_field",
             "label_field",
             "num_labels",
+            "format",
             "input_field",
             "output_field",
             "separator",
@@ -144,7 +145,11 @@ def tokenize(p: Params, out: Path) -> dict[str, Any]:
             name: label_counts(split["labels"][:], p.data.num_labels, f"data.{name}")
             for name, split in (("train", train), ("eval", evaluation))
         }
+    splits = {"train": train, "eval": evaluation}
+    if p.task == "causal_lm":  # the eval text in order, for evaluate.perplexity: sliding_window
+        eval_head = _head(eval_rows, p.data.max_eval_rows)
+        splits["eval_stream"] = task.stream(eval_head, tok, p, "data.eval")
     with atomic_dir(out) as tmp:
-        datasets.DatasetDict({"train": train, "eval": evaluation}).save_to_disk(str(tmp))
+        datasets.DatasetDict(splits).save_to_disk(str(tmp))
         write_json(tmp / "meta.json", meta)
     return meta

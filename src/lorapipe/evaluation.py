@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
 import datasets
 import torch
-from transformers import set_seed
+from transformers import DataCollatorForSeq2Seq, set_seed
 
 from lorapipe.config import MODEL_KEYS, QUANT_KEYS, Params
 from lorapipe.io import write_json
 from lorapipe.metrics import evaluate_model
 from lorapipe.modeling import load_config, load_tokenizer, load_with_adapter
+from lorapipe.packing import first_document
 from lorapipe.runtime import Runtime, autocast, resolve
 from lorapipe.tasks import IGNORE, get_task
 
@@ -22,9 +24,28 @@ EVAL_KEYS = [
     "evaluate.batch_size",
     "evaluate.num_samples",
     "evaluate.max_new_tokens",
+    "evaluate.perplexity",
+    "evaluate.stride",
     "train.seed",
     "train.mixed_precision",  # evaluation runs under training's autocast
 ]
+
+
+def sliding_windows(stream: list[int], window: int, stride: int) -> datasets.Dataset:
+    """The stream cut into windows that overlap by window - stride tokens, as in transformers'
+    perplexity guide: each window scores only the tokens no earlier window scored, so (with
+    stride < window) every token but the first is scored once, with up to window - 1 tokens of
+    context."""
+    ids, labels, scored_to = [], [], 0
+    for begin in range(0, len(stream), stride):
+        end = min(begin + window, len(stream))
+        chunk = stream[begin:end]
+        ids.append(chunk)
+        labels.append([IGNORE] * (scored_to - begin) + chunk[scored_to - begin :])
+        scored_to = end
+        if end == len(stream):
+            break
+    return datasets.Dataset.from_dict({"input_ids": ids, "labels": labels})
 
 
 @torch.no_grad()
@@ -34,6 +55,7 @@ def samples(p: Params, model: Any, tok: Any, data: datasets.Dataset) -> list[dic
     device = next(model.parameters()).device
     out = []
     for row in rows:
+        row = first_document(row)  # a packed block's first document, its positions from 0
         ids = torch.tensor([row["input_ids"]], device=device)
         if p.task == "seq_cls":
             probs = model(input_ids=ids).logits.softmax(-1)[0]
@@ -46,9 +68,11 @@ def samples(p: Params, model: Any, tok: Any, data: datasets.Dataset) -> list[dic
                 }
             )
             continue
-        # The prompt: an sft row's unlabelled prefix, or the first quarter of a text block.
-        cut = next((i for i, lab in enumerate(row["labels"]) if lab != IGNORE), 0)
-        cut = cut or max(1, len(row["input_ids"]) // 4)
+        # The prompt: an sft row's unlabelled prefix, or the first quarter of a text.
+        if p.task == "sft":
+            cut = next(i for i, lab in enumerate(row["labels"]) if lab != IGNORE)
+        else:
+            cut = max(1, len(row["input_ids"]) // 4)
         gen = model.generate(
             input_ids=ids[:, :cut],
             attention_mask=torch.ones_like(ids[:, :cut]),
@@ -83,13 +107,20 @@ def evaluate(
     # The base as it was trained (quantized if it was), in training's dtype and autocast.
     model = load_with_adapter(p, rt, adapter, tok.pad_token_id)
     collator = task.collator(tok, p)
+    scored = data
+    if p.evaluate.perplexity == "sliding_window":
+        stream = datasets.load_from_disk(str(tokenized))["eval_stream"]["input_ids"][:]
+        stride = p.evaluate.stride or max(1, p.tokenize.max_length // 2)
+        scored = sliding_windows(list(chain(*stream)), p.tokenize.max_length, stride)
+        collator = DataCollatorForSeq2Seq(tok, label_pad_token_id=IGNORE)
     # rt.eval_batch_size: evaluate.batch_size, bounded so one batch's logits fit the device.
     with autocast(rt):
-        tuned = evaluate_model(model, data, collator, task, rt.eval_batch_size)
+        tuned = evaluate_model(model, scored, collator, task, rt.eval_batch_size)
         with model.disable_adapter():
-            base = evaluate_model(model, data, collator, task, rt.eval_batch_size)
+            base = evaluate_model(model, scored, collator, task, rt.eval_batch_size)
     key = task.metric
     metrics = {
+        **({"perplexity_method": p.evaluate.perplexity} if task.metric == "perplexity" else {}),
         "task": p.task,
         "metric": key,
         key: tuned[key],

@@ -22,6 +22,7 @@ from lorapipe.config import MODEL_KEYS, QUANT_KEYS, Params, UserError
 from lorapipe.io import atomic_dir, read_json, write_json
 from lorapipe.lora import ADAPTER_KEYS
 from lorapipe.modeling import load_config, load_tokenizer, load_with_adapter
+from lorapipe.packing import model_inputs
 from lorapipe.runtime import Runtime, merge_runtime, resolve
 from lorapipe.sources import resolve_model
 from lorapipe.tasks import IGNORE, get_task
@@ -47,8 +48,7 @@ AUTO = {
 
 @torch.no_grad()
 def _logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    device = next(model.parameters()).device
-    inputs = {k: v.to(device) for k, v in batch.items() if k not in ("labels", "length")}
+    inputs = model_inputs(batch, next(model.parameters()).device)  # packed: position_ids, no cache
     return model(**inputs).logits.float().cpu()
 
 

@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lorapipe import progress
+from lorapipe.packing import model_inputs
 
 
 def perplexity(nll_sum: float, tokens: int) -> float:
@@ -33,8 +34,7 @@ def evaluate_model(
     with torch.no_grad():
         for batch in progress.bar(loader, "evaluate", unit="batch"):
             batch = {k: v.to(device) for k, v in batch.items()}
-            inputs = {k: v for k, v in batch.items() if k != "labels"}
-            logits = model(**inputs).logits
+            logits = model(**model_inputs(batch, device)).logits
             for key, value in task.score_batch(logits, batch).items():
                 sums[key] = sums[key] + value if key in sums else value
     return task.summarize(sums)

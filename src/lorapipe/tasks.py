@@ -5,7 +5,6 @@ One small object per task, so the rest of the code never branches on the task na
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -21,10 +20,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from lorapipe import chat
 from lorapipe.config import DataParams, Params, UserError
 from lorapipe.metrics import perplexity
-
-IGNORE = -100  # the label id that cross-entropy skips
+from lorapipe.packing import IGNORE, PackedCollator, pack, pieces
 
 
 def _require_column(rows: datasets.Dataset, column: str, key: str, where: str) -> None:
@@ -110,7 +109,7 @@ class SeqCls:
 
 @dataclass(frozen=True)
 class CausalLM:
-    """Language modelling on plain text: every non-pad token is a target; perplexity."""
+    """Language modelling on plain text: every token but a document's first is a target."""
 
     name: ClassVar[str] = "causal_lm"
     auto_model: ClassVar[type] = AutoModelForCausalLM
@@ -123,31 +122,39 @@ class CausalLM:
     def model_kwargs(self, data: DataParams) -> dict[str, Any]:
         return {}
 
+    def documents(
+        self, rows: datasets.Dataset, tok: PreTrainedTokenizerBase, p: Params, where: str
+    ) -> list[list[int]]:
+        """Each non-blank text's ids + EOS (a blank line has nothing to learn)."""
+        column = p.data.text_field
+        _require_column(rows, column, "data.text_field", where)
+        texts = [t for t in _texts(rows, column, where) if t.strip()]
+        if not texts:
+            raise UserError(f"{where}: no non-empty text in '{column}'")
+        ids = tok(texts, add_special_tokens=False)["input_ids"]
+        return [[*x, tok.eos_token_id] for x in ids]
+
     def tokenize(
         self, rows: datasets.Dataset, tok: PreTrainedTokenizerBase, p: Params, where: str
     ) -> datasets.Dataset:
-        column = p.data.text_field
-        _require_column(rows, column, "data.text_field", where)
-        texts = [
-            t for t in _texts(rows, column, where) if t.strip()
-        ]  # a blank line has nothing to learn
-        if not texts:
-            raise UserError(f"{where}: no non-empty text in '{column}'")
-        size = p.tokenize.max_length
-        ids = tok(texts, add_special_tokens=False)["input_ids"]
+        size, docs = p.tokenize.max_length, self.documents(rows, tok, p, where)
         if p.tokenize.layout == "pad":
-            rows_ids = [[*x[: size - 1], tok.eos_token_id] for x in ids]
-        else:
-            # Pack: documents joined by EOS and cut into full blocks, so no batch carries padding.
-            stream = list(itertools.chain.from_iterable([*x, tok.eos_token_id] for x in ids))
-            rows_ids = [stream[i : i + size] for i in range(0, len(stream) - size + 1, size)]
-            if not rows_ids:
-                raise UserError(f"{where}: fewer than tokenize.max_length={size} tokens in all")
-        return _causal_dataset(rows_ids, [list(x) for x in rows_ids])
+            rows_ids = [[*x[:-1][: size - 1], x[-1]] for x in docs]  # truncated, EOS kept
+            return _causal_dataset(rows_ids, [list(x) for x in rows_ids])
+        # Pack: a document longer than a block is cut into pieces, each a document of its own.
+        return _packed_dataset([pc for x in docs for pc in pieces(x, x, size)], size)
+
+    def stream(
+        self, rows: datasets.Dataset, tok: PreTrainedTokenizerBase, p: Params, where: str
+    ) -> datasets.Dataset:
+        """The eval text in its order, a row per document: evaluate.perplexity: sliding_window."""
+        return datasets.Dataset.from_dict({"input_ids": self.documents(rows, tok, p, where)})
 
     def collator(self, tok: PreTrainedTokenizerBase, p: Params) -> Any:
-        # `pad` pads every row to max_length, as hand-written scripts do; pack/sft pad per batch.
-        padding = "max_length" if self.name == "causal_lm" and p.tokenize.layout == "pad" else True
+        if p.tokenize.layout == "pack":
+            return PackedCollator(tok.pad_token_id)
+        # `pad`: causal_lm pads every row to max_length, as hand-written scripts do; sft per batch.
+        padding = "max_length" if self.name == "causal_lm" else True
         return DataCollatorForSeq2Seq(
             tok, padding=padding, max_length=p.tokenize.max_length, label_pad_token_id=IGNORE
         )
@@ -174,47 +181,22 @@ class CausalLM:
 
 @dataclass(frozen=True)
 class SFT(CausalLM):
-    """Prompt → response: text = input + separator + output + EOS; loss on the response only."""
+    """Prompt → response (data.format, lorapipe.chat): loss on the response tokens only."""
 
     name: ClassVar[str] = "sft"
-
-    def prompt_and_response(
-        self, tok: PreTrainedTokenizerBase, d: DataParams, inp: str, out: str
-    ) -> tuple[list[int], list[int]]:
-        if d.chat_template:
-            user = [{"role": "user", "content": inp}]
-            prompt = tok.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
-            full = tok.apply_chat_template(
-                [*user, {"role": "assistant", "content": out}], tokenize=False
-            )
-            if not full.startswith(prompt):
-                raise UserError("data.chat_template: the template does not extend the prompt")
-            response = full[len(prompt) :]
-        else:
-            prompt, response = inp + d.separator, out
-        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-        r_ids = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        return p_ids, r_ids
 
     def tokenize(
         self, rows: datasets.Dataset, tok: PreTrainedTokenizerBase, p: Params, where: str
     ) -> datasets.Dataset:
-        d, size = p.data, p.tokenize.max_length
-        _require_column(rows, d.input_field, "data.input_field", where)
-        _require_column(rows, d.output_field, "data.output_field", where)
-        inputs = _texts(rows, d.input_field, where)
-        outputs = _texts(rows, d.output_field, where)
-        ids, labels = [], []
-        for inp, out in zip(inputs, outputs, strict=True):
-            p_ids, r_ids = self.prompt_and_response(tok, d, inp, out)
-            if len(p_ids) >= size:
-                continue  # no room for a single response token: nothing to learn from this row
-            row = (p_ids + r_ids)[:size]
-            ids.append(row)
-            labels.append(([IGNORE] * len(p_ids) + r_ids)[:size])
-        if not ids:
+        size, docs = p.tokenize.max_length, []
+        for ids, labels in chat.encode(rows, tok, p.data, where):
+            if any(x != IGNORE for x in labels[:size]):  # else nothing to learn within max_length
+                docs.append((ids[:size], labels[:size]))
+        if not docs:
             raise UserError(f"{where}: every prompt is longer than tokenize.max_length={size}")
-        return _causal_dataset(ids, labels)
+        if p.tokenize.layout == "pack":
+            return _packed_dataset(docs, size)
+        return _causal_dataset([d[0] for d in docs], [d[1] for d in docs])
 
 
 def _causal_dataset(ids: list[list[int]], labels: list[list[int]]) -> datasets.Dataset:
@@ -226,6 +208,11 @@ def _causal_dataset(ids: list[list[int]], labels: list[list[int]]) -> datasets.D
             "length": [len(x) for x in ids],
         }
     )
+
+
+def _packed_dataset(docs: list[tuple[list[int], list[int]]], size: int) -> datasets.Dataset:
+    blocks = pack(docs, size)
+    return datasets.Dataset.from_dict({**blocks, "length": [len(x) for x in blocks["input_ids"]]})
 
 
 TASKS = {t.name: t for t in (SeqCls(), CausalLM(), SFT())}
