@@ -43,13 +43,14 @@ def materialize(name: str, out: Path) -> None:
 
 
 def synthetic(vocab: int, rows: int, seq: int) -> datasets.Dataset:
-    """Full-length rows of random ids (no padding: every token is real and computed)."""
+    """Full-length rows of random ids, one document per packed block (the tokenize stage's pack
+    layout: position_ids, no attention mask); no padding, every token is real and computed."""
     ids = torch.randint(0, vocab, (rows, seq), generator=torch.Generator().manual_seed(0))
     ids = ids.tolist()
     return datasets.Dataset.from_dict(
         {
             "input_ids": ids,
-            "attention_mask": [[1] * seq] * rows,
+            "position_ids": [list(range(seq))] * rows,
             "labels": ids,
             "length": [seq] * rows,
         }

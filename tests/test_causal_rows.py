@@ -30,27 +30,6 @@ def stream_of(tok, docs):
     return [t for x in ids for t in [*x, tok.eos_token_id]]
 
 
-def docs_one_short_of_a_block(tok):
-    """Documents whose EOS-joined stream is 15 tokens past a whole number of 16-token blocks."""
-    docs = ["the first document is here " * 8, "and a second one"]
-    while len(stream_of(tok, docs)) % SIZE != SIZE - 1:
-        docs[-1] += " word"
-    return docs
-
-
-def test_pack_cuts_the_joined_stream_into_whole_blocks_and_drops_the_tail(tok):
-    docs = docs_one_short_of_a_block(tok)
-    stream = stream_of(tok, docs)
-    assert len(stream) > 2 * SIZE
-    rows = datasets.Dataset.from_dict({"text": [docs[0], "  ", docs[1]]})
-    out = get_task("causal_lm").tokenize(rows, tok, params(), "data.train")
-    whole = len(stream) // SIZE
-    assert out["input_ids"][:] == [stream[i * SIZE : (i + 1) * SIZE] for i in range(whole)]
-    assert out["labels"][:] == out["input_ids"][:]
-    assert out["attention_mask"][:] == [[1] * SIZE] * whole
-    assert out["length"][:] == [SIZE] * whole
-
-
 def test_pack_of_exactly_whole_blocks_keeps_the_last(tok):
     docs = ["one two three four five six seven"]
     while len(stream_of(tok, docs)) % SIZE:
@@ -73,7 +52,8 @@ def test_pad_layout_rows_are_the_lines_cut_to_fit_their_eos(tok):
 
 @pytest.mark.parametrize(
     ("task", "layout", "width"),
-    [("causal_lm", "pad", SIZE), ("causal_lm", "pack", 5), ("sft", "pad", 5)],
+    # (the packed layout's collator: tests/test_packing.py)
+    [("causal_lm", "pad", SIZE), ("sft", "pad", 5)],
 )
 def test_collator_pads_to_max_length_only_for_the_pad_layout(tok, task, layout, width):
     """`pad` imitates the hand-written scripts (every row max_length); the others pad per batch."""
@@ -102,7 +82,3 @@ def test_errors_name_the_split_the_row_and_the_key(tok):
     with pytest.raises(UserError) as info:
         task.tokenize(blank, tok, params(), "data.train")
     assert str(info.value) == "data.train: no non-empty text in 'text'"
-    few = datasets.Dataset.from_dict({"text": ["two words"]})
-    with pytest.raises(UserError) as info:
-        task.tokenize(few, tok, params(), "data.train")
-    assert str(info.value) == "data.train: fewer than tokenize.max_length=16 tokens in all"

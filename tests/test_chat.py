@@ -153,11 +153,14 @@ def test_generate_applies_the_chat_template(tok, tmp_path, monkeypatch, capsys):
     seen = []
 
     class Model:  # records what `lorapipe generate` gives the model; answers one token
+        device = torch.device("cpu")
+
         def generate(self, input_ids, **kwargs):
             seen.append(tok.decode(input_ids[0]))
             return torch.cat([input_ids, torch.tensor([[tok.eos_token_id]])], 1)
 
     monkeypatch.setattr(cli, "_load", lambda args, p: (Model(), tok))
+    monkeypatch.setattr(cli, "_check_model_folders", lambda args: None)  # no adapter needed
     (tmp_path / "in.txt").write_text("What does pass do?\n")
     for fmt in ("messages", "pair"):
         (tmp_path / "params.yaml").write_text(yaml.safe_dump(params(fmt).model_dump()))

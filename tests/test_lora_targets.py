@@ -4,7 +4,7 @@ import pytest
 import yaml
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from lorapipe.config import UserError, parse_params
+from lorapipe.config import LoraParams, UserError, parse_params
 from lorapipe.lora import check_target_modules, linear_layer_names, lora_config
 from tests.conftest import ROOT
 
@@ -21,9 +21,9 @@ def test_conv1d_and_linear_layers_by_short_name(gpt2):
 
 
 def test_missing_targets_are_named_with_the_real_ones(gpt2):
-    check_target_modules(gpt2, ["c_attn", "c_proj"])  # all exist: no error
+    check_target_modules(gpt2, LoraParams(target_modules=["c_attn", "c_proj"]))  # all exist
     with pytest.raises(UserError) as info:
-        check_target_modules(gpt2, ["c_attn", "q_proj", "v_proj"])
+        check_target_modules(gpt2, LoraParams(target_modules=["c_attn", "q_proj", "v_proj"]))
     assert str(info.value) == (
         "lora.target_modules: q_proj, v_proj match no layer of the model; "
         "its linear layers are: c_attn, c_fc, c_proj, lm_head"

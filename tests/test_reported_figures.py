@@ -35,7 +35,7 @@ def test_model_card_states_alpha_over_r(tiny_bert, r, alpha, scaling):
     params = stage_params(p, [*TRAIN_KEYS, "data.train", "data.eval"])
     params.update({"lora.r": r, "lora.alpha": alpha})
     card = model_card("LoRA adapter", params, {"loss": 0.3, "accuracy": 0.9}, "from peft import X")
-    assert f"LoRA r={r}, alpha={alpha} (scaling {scaling}) on query, value;" in card
+    assert f"LoRA r={r}, alpha={alpha} (scaling alpha/r = {scaling}) on query, value;" in card
     front = yaml.safe_load(card.split("---\n")[1])
     assert front == {
         "library_name": "peft",

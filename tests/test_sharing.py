@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from lorapipe.config import UserError, load_params
-from lorapipe.modeling import load_with_adapter
+from lorapipe.modeling import load_config, load_with_adapter
+from lorapipe.runtime import resolve
 from lorapipe.sources import resolve_model
 from tests.conftest import MINILM, dvc, make_project, run, set_params
 
@@ -100,15 +101,20 @@ def test_adapter_records_the_portable_base(clones):
             assert venv_path.encode() not in file.read_bytes(), file
 
 
+def load(p, adapter):
+    """Base + adapter as evaluate and predict load them, on this machine's runtime."""
+    return load_with_adapter(p, resolve(p, load_config(p)), adapter, pad_token_id=0)
+
+
 def test_copied_adapter_loads_where_the_package_lives_elsewhere(clones, tmp_path, monkeypatch):
     """Another machine: another venv path. The adapter names `pkg:…`, resolved there."""
     a, _ = clones
     adapter = shutil.copytree(a / "models/adapter", tmp_path / "adapter")
     p = load_params(a / "params.yaml")
-    here = load_with_adapter(p, adapter)
+    here = load(p, adapter)
     elsewhere = shutil.copytree(resolve_model(MINILM), tmp_path / "other-venv/site-packages/m")
     monkeypatch.setattr("lorapipe.sources._package_path", lambda spec, field: elsewhere)
-    there = load_with_adapter(p, adapter)
+    there = load(p, adapter)
     assert there.base_model.model.name_or_path == str(elsewhere)
     ids = torch.tensor([[101, 2023, 3185, 2003, 2307, 102]])
     with torch.no_grad():
@@ -120,10 +126,10 @@ def test_adapter_of_another_base_is_refused(clones, tiny_bert, tmp_path):
     p = load_params(a / "params.yaml")
     other = p.model_copy(update={"model": p.model.model_copy(update={"name": str(tiny_bert)})})
     with pytest.raises(UserError, match=r"^model.name: '.*tiny-bert.*' is not the base .* was"):
-        load_with_adapter(other, a / "models/adapter")
+        load(other, a / "models/adapter")
     # An adapter saved before names were portable records a folder of another machine: loads.
     legacy = shutil.copytree(a / "models/adapter", tmp_path / "legacy")
     config = json.loads((legacy / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = "/home/someone/.venv/lib/site-packages/m/model"
     (legacy / "adapter_config.json").write_text(json.dumps(config))
-    load_with_adapter(p, legacy)
+    load(p, legacy)

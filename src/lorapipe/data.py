@@ -9,6 +9,7 @@ from typing import Any
 
 import datasets
 
+from lorapipe.chat import CONVERSATION_COLUMN
 from lorapipe.config import Params, UserError, stage_params
 from lorapipe.io import atomic_dir, write_json
 from lorapipe.modeling import check_max_length, load_config, load_tokenizer
@@ -59,7 +60,9 @@ def _head(rows: datasets.Dataset, limit: int | None) -> datasets.Dataset:
 
 
 def _text_columns(p: Params) -> list[str]:
-    return [c for c, key in task_columns(p).items() if key != "data.label_field"]
+    """Columns of plain text (not labels; a conversation column is checked turn by turn in chat)."""
+    skip = set(CONVERSATION_COLUMN.values())
+    return [c for c, key in task_columns(p).items() if key != "data.label_field" and c not in skip]
 
 
 def _drop_blank(rows: datasets.Dataset, p: Params, where: str) -> tuple[datasets.Dataset, int]:

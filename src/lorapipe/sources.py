@@ -151,8 +151,18 @@ TASK_FIELDS = {
 }
 
 
+# sft's other data.format values read fixed column names (lorapipe.chat).
+FORMAT_COLUMNS = {
+    "messages": ("messages",),
+    "sharegpt": ("conversations",),
+    "alpaca": ("instruction", "output"),
+}
+
+
 def task_columns(p: Params) -> dict[str, str]:
     """{column name: the params key that names it} for the columns the task needs."""
+    if p.task == "sft" and p.data.format in FORMAT_COLUMNS:
+        return {column: "data.format" for column in FORMAT_COLUMNS[p.data.format]}
     return {getattr(p.data, key): f"data.{key}" for key in TASK_FIELDS[p.task]}
 
 
