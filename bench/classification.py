@@ -17,7 +17,6 @@ from peft import get_peft_model
 from transformers import default_data_collator, set_seed
 
 from bench.harness import (
-    ROOT,
     pipeline_train,
     release,
     reset_peak_rss,
@@ -25,13 +24,12 @@ from bench.harness import (
     runtime,
     score,
     side_result,
+    sst2_subset,
     tutorial_train,
 )
 from lorapipe.config import Params
-from lorapipe.data import tokenize
 from lorapipe.lora import lora_config
 from lorapipe.modeling import load_base, load_tokenizer
-from lorapipe.sources import load_rows
 
 TUTORIAL_MAX_LENGTH = 128
 
@@ -49,33 +47,18 @@ def tutorial_tokenize(rows: datasets.Dataset, tok: Any, p: Params) -> datasets.D
 
 
 def classification(args: argparse.Namespace, p: Params) -> dict[str, Any]:
-    # A seeded random subset of the committed sample: the same rows on both sides.
-    rows = load_rows(str(ROOT / p.data.train), "data.train").shuffle(seed=p.train.seed)
-    rows = rows.select(range(min(args.train_rows, len(rows))))
-    train_ = p.train.model_copy(
-        update={
-            "epochs": args.epochs,
-            "batch_size": args.batch_size or p.train.batch_size,
-            "eval_strategy": "no",  # both sides are scored after training, the same way
-        }
-    )
+    train_update = {
+        "epochs": args.epochs,
+        "batch_size": args.batch_size or p.train.batch_size,
+        "eval_strategy": "no",  # both sides are scored after training, the same way
+    }
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        rows.to_csv(str(root / "train.tsv"), sep="\t", index=False)
-        data_ = p.data.model_copy(
-            update={
-                "train": str(root / "train.tsv"),
-                "eval": str(ROOT / p.data.eval),
-                "max_train_rows": None,
-                "max_eval_rows": args.eval_rows,
-            }
-        )
-        p = p.model_copy(update={"data": data_, "train": train_})
+        # The same seeded rows on both sides; the pipeline trains on the tokenize stage's output,
+        # both sides score `dev`.
+        p, rows, dev = sst2_subset(p, args.train_rows, args.eval_rows, train_update, root)
         tok = load_tokenizer(p)
-        # The tokenize stage, untimed: the pipeline trains on its output, both sides score `dev`.
         tokenized = root / "tokenized"
-        tokenize(p, tokenized)
-        dev = datasets.load_from_disk(str(tokenized))["eval"]
 
         scoped = reset_peak_rss()
         set_seed(p.train.seed)  # the same LoRA init and classifier head as the stage's

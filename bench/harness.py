@@ -19,9 +19,11 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
 from lorapipe.config import Params
+from lorapipe.data import tokenize
 from lorapipe.metrics import evaluate_model
 from lorapipe.modeling import load_config, load_tokenizer, load_with_adapter
 from lorapipe.runtime import Runtime, detect, resolve
+from lorapipe.sources import load_rows
 from lorapipe.tasks import get_task
 from lorapipe.training import train
 
@@ -176,6 +178,30 @@ def pipeline_train(p: Params, tokenized: Path, root: Path) -> tuple[Meter, Any]:
     )
     pad_id = load_tokenizer(p).pad_token_id
     return meter, load_with_adapter(p, rt, root / "adapter", pad_id)
+
+
+def sst2_subset(
+    p: Params, n_rows: int, eval_rows: int | None, train_update: dict[str, Any], root: Path
+) -> tuple[Params, datasets.Dataset, datasets.Dataset]:
+    """A seeded n-row subset of the committed SST-2 sample as the train file under `root`, with
+    the full dev set (or its first `eval_rows`), tokenized once by the tokenize stage (untimed).
+
+    Returns the params that point at it, the raw train rows and the tokenized dev split.
+    """
+    rows = load_rows(str(ROOT / p.data.train), "data.train").shuffle(seed=p.train.seed)
+    rows = rows.select(range(min(n_rows, len(rows))))
+    rows.to_csv(str(root / "train.tsv"), sep="\t", index=False)
+    data_ = p.data.model_copy(
+        update={
+            "train": str(root / "train.tsv"),
+            "eval": str(ROOT / p.data.eval),
+            "max_train_rows": None,
+            "max_eval_rows": eval_rows,
+        }
+    )
+    p = p.model_copy(update={"data": data_, "train": p.train.model_copy(update=train_update)})
+    tokenize(p, root / "tokenized")
+    return p, rows, datasets.load_from_disk(str(root / "tokenized"))["eval"]
 
 
 def real_token_fraction(real_per_row: list[int], max_length: int) -> float:

@@ -19,22 +19,18 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import datasets
-
 from bench.harness import (
-    ROOT,
     pipeline_train,
     release,
     row_text,
     runtime,
     score,
     side_result,
+    sst2_subset,
 )
 from lorapipe.config import Params
-from lorapipe.data import tokenize
 from lorapipe.modeling import load_tokenizer
 from lorapipe.runtime import autocast, detect
-from lorapipe.sources import load_rows
 
 PAYS = 1.10  # bf16 / fp32 samples/s, at least
 MAX_DROP_POINTS = 0.5  # dev accuracy, at most this far below fp32
@@ -77,30 +73,18 @@ def run(args: argparse.Namespace, p: Params) -> dict[str, Any]:
         return {"skipped": "this CPU has no native bf16 (avx512_bf16 / amx_bf16): fp32"}
     n_rows = args.precision_rows or (64 if args.quick else 3000)
     repeats = args.precision_repeats or (1 if args.quick else 2)
-    rows = load_rows(str(ROOT / p.data.train), "data.train").shuffle(seed=p.train.seed)
-    rows = rows.select(range(min(n_rows, len(rows))))
-    train_ = p.train.model_copy(update={"epochs": 1.0, "batch_size": 32, "eval_strategy": "no"})
+    train_update = {"epochs": 1.0, "batch_size": 32, "eval_strategy": "no"}
     runs: dict[str, list[dict[str, Any]]] = {side: [] for side in SIDES}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        rows.to_csv(str(root / "train.tsv"), sep="\t", index=False)
-        data_ = p.data.model_copy(
-            update={
-                "train": str(root / "train.tsv"),
-                "eval": str(ROOT / p.data.eval),
-                "max_train_rows": None,
-                "max_eval_rows": 64 if args.quick else None,
-            }
-        )
-        p = p.model_copy(update={"data": data_, "train": train_})
+        # once: both sides train on the same tokenized rows
+        p, rows, dev = sst2_subset(p, n_rows, 64 if args.quick else None, train_update, root)
         tok = load_tokenizer(p)
         tokenized = root / "tokenized"
-        tokenize(p, tokenized)  # once: both sides train on the same tokenized rows
-        dev = datasets.load_from_disk(str(tokenized))["eval"]
         for i in range(repeats):
             for side, mixed in SIDES.items():
                 ps = p.model_copy(
-                    update={"train": train_.model_copy(update={"mixed_precision": mixed})}
+                    update={"train": p.train.model_copy(update={"mixed_precision": mixed})}
                 )
                 meter, model = pipeline_train(ps, tokenized, root / f"{side}-{i}")
                 out = side_result(meter, meter.end - meter.start)
