@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -429,6 +430,11 @@ def test_a_failed_stage_leaves_the_committed_reports(tmp_path, error, code, line
     assert not (reports / "plots/metrics/grad_norm.tsv").exists()  # the failed run's partial log
 
 
+def saved_past_step(project: Path, step: int) -> bool:
+    steps = [int(c.name.split("-")[1]) for c in project.glob("models/.work/*/checkpoint-*")]
+    return any(s >= step for s in steps)
+
+
 @pytest.mark.slow
 def test_ctrl_c_in_dvc_repro_is_one_line_and_keeps_the_reports(tiny_bert, tmp_path):
     small = {"data.max_train_rows": 64, "data.max_eval_rows": 32, "train.eval_strategy": "no"}
@@ -438,7 +444,8 @@ def test_ctrl_c_in_dvc_repro_is_one_line_and_keeps_the_reports(tiny_bert, tmp_pa
     git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
     subprocess.run([*git, "add", "-A"], cwd=project, check=True)
     subprocess.run([*git, "commit", "-qm", "reports"], cwd=project, check=True)
-    set_params(project, {"data.max_train_rows": None, "train.batch_size": 2})  # 2,500 steps
+    # 50,000 steps: far more than a fast machine runs before the interrupt below.
+    set_params(project, {"data.max_train_rows": None, "train.batch_size": 2, "train.epochs": 20})
     proc = subprocess.Popen(
         [sys.executable, "-m", "dvc", "repro", "train"],
         cwd=project,
@@ -451,8 +458,10 @@ def test_ctrl_c_in_dvc_repro_is_one_line_and_keeps_the_reports(tiny_bert, tmp_pa
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.time() + 300
-    while time.time() < deadline and not list(project.glob("models/.work/*/checkpoint-4")):
+    # Any checkpoint past the first: save_total_limit deletes each one a few steps later.
+    while time.time() < deadline and proc.poll() is None and not saved_past_step(project, 4):
         time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[0]
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends to the terminal's foreground group
     out = proc.communicate(timeout=300)[0]
     assert proc.returncode != 0
