@@ -127,8 +127,10 @@ def test_sigkill_mid_epoch_resumes_to_the_same_metrics(tmp_path):
     proc = _run_stage(runs["killed"], "stages/train.py")
     work = runs["killed"] / "models/.work"
     deadline = time.time() + 300
-    while time.time() < deadline and not list(work.glob("*/checkpoint-20/trainer_state.json")):
+    # The first complete checkpoint (step 10) leaves 20 steps in which to kill the run.
+    while time.time() < deadline and not list(work.glob("*/checkpoint-*/trainer_state.json")):
         time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)  # mid-epoch: 30 steps in the epoch
     proc.wait()
     assert not (runs["killed"] / "models/adapter").exists()
