@@ -18,7 +18,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The params first: every params error in one line each, before DVC reads the file its own way.
 repro: install
+	$(VENV)/bin/lorapipe check --params-only
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc repro
 
 test: install

@@ -145,6 +145,27 @@ def test_params_error_comes_before_torch_loads(tmp_path, argv):
     assert proc.stdout.strip() == "imported:", f"{proc.stdout} after {seconds:.1f} s"
 
 
+def test_make_repro_reports_a_duplicate_key_in_one_line_before_dvc(tmp_path):
+    # DVC's own reader would say it in 12 lines; `make repro` checks the params first.
+    text = (ROOT / "params.yaml").read_text().replace("  r: 8\n", "  r: 8\n  r: 4\n")
+    (tmp_path / "params.yaml").write_text(text)
+    shutil.copy(ROOT / "Makefile", tmp_path)
+    venv = Path(sys.prefix)  # this test run's venv: installed, so nothing is remade
+    proc = subprocess.run(
+        ["make", "-o", str(venv / ".installed"), "repro", f"VENV={venv}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode != 0
+    line = text.splitlines().index("  r: 8") + 1
+    ours = [x for x in error_lines(proc) if not x.startswith("make:")]
+    assert ours == [
+        f"error: params.yaml: lora.r: duplicate key (lines {line} and {line + 1}); keep one"
+    ]
+    assert "dvc repro" not in proc.stdout
+
+
 def test_dvc_exp_run_error_says_how_to_restore_params(tmp_path):
     write_params(tmp_path, **{"lora.r": 0})
     script = str(ROOT / "stages/train.py")
