@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +56,9 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
         intermediate_size=64,
         max_position_embeddings=128,
     )
-    BertForSequenceClassification(config).save_pretrained(out)
+    with torch.random.fork_rng():  # the same weights in every session, the global RNG untouched
+        torch.manual_seed(0)
+        BertForSequenceClassification(config).save_pretrained(out)
     AutoTokenizer.from_pretrained(_minilm_dir()).save_pretrained(out)
     return out
 
@@ -79,7 +82,9 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
-    LlamaForCausalLM(config).save_pretrained(out)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(out)
     tok.save_pretrained(out)
     return out
 

@@ -387,7 +387,7 @@ def test_make_works_in_a_path_with_a_space(tmp_path):
     bin_dir.mkdir(parents=True)
     shutil.copy2(ROOT / "Makefile", project)
     (project / "pyproject.toml").write_text("")
-    for tool in ("dvc", "python"):  # stand-ins: what make runs, with the PATH it gets
+    for tool in ("dvc", "python", "lorapipe"):  # stand-ins: what make runs, with the PATH it gets
         (bin_dir / tool).write_text(f'#!/bin/sh\necho "{tool} $* (PATH=$PATH)"\n')
         (bin_dir / tool).chmod(0o755)
     (project / ".venv/.installed").touch()  # newer than pyproject.toml: no install
