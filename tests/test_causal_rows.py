@@ -50,6 +50,18 @@ def test_pad_layout_rows_are_the_lines_cut_to_fit_their_eos(tok):
     assert out["attention_mask"][:] == [[1] * len(x) for x in expected]
 
 
+def test_the_sliding_window_stream_is_every_non_blank_document_in_order(tok):
+    lines = ["first doc", "  ", "second, longer document"]
+    rows = datasets.Dataset.from_dict({"text": lines})
+    out = get_task("causal_lm").stream(rows, tok, params(), "data.eval")
+    ids = tok([lines[0], lines[2]], add_special_tokens=False)["input_ids"]
+    assert out.column_names == ["input_ids"]
+    assert out["input_ids"][:] == [[*x, tok.eos_token_id] for x in ids]
+    blank = datasets.Dataset.from_dict({"text": [" "]})
+    with pytest.raises(UserError, match=r"^data\.eval: no non-empty text in 'text'$"):
+        get_task("causal_lm").stream(blank, tok, params(), "data.eval")
+
+
 @pytest.mark.parametrize(
     ("task", "layout", "width"),
     # (the packed layout's collator: tests/test_packing.py)

@@ -17,21 +17,23 @@ from transformers import (
     AutoTokenizer,
 )
 
+from lorapipe import merge as merge_module
 from lorapipe.config import UserError, parse_params, stage_params
 from lorapipe.lora import lora_config
-from lorapipe.merge import merge
+from lorapipe.merge import compare_logits, merge
 from lorapipe.modeling import load_with_adapter
 from lorapipe.runtime import resolve
-from lorapipe.tasks import get_task
+from lorapipe.tasks import IGNORE, get_task
 from lorapipe.training import TRAIN_KEYS
 from tests.conftest import ROOT
 
 SENTENCES = ["a fine film", "dull", "not good at all, sadly", "a joy from start to end"] * 3
 
 
-def params(model, tolerance=1e-4, probe_size=8, min_top1=0.99):
+def params(model, tolerance=1e-4, probe_size=8, min_top1=0.99, bits="none"):
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["model"]["name"] = str(model)
+    raw["quant"]["bits"] = bits
     raw["lora"]["dropout"] = 0.0
     raw["merge"].update(tolerance=tolerance, probe_size=probe_size, min_top1_agreement=min_top1)
     return parse_params(raw)
@@ -39,16 +41,32 @@ def params(model, tolerance=1e-4, probe_size=8, min_top1=0.99):
 
 @pytest.fixture(scope="module")
 def trained(tiny_bert, tmp_path_factory):
+    return make_trained(tiny_bert, tmp_path_factory.mktemp("merge-check"))
+
+
+@pytest.fixture(scope="module")
+def wide_bert(tiny_bert, tmp_path_factory):
+    """tiny_bert 64 wide: bitsandbytes' CPU 4-bit kernels need rows of at least 64 (a block)."""
+    out = tmp_path_factory.mktemp("wide-bert")
+    config = AutoConfig.from_pretrained(tiny_bert)
+    config.update({"hidden_size": 64, "intermediate_size": 128})
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        AutoModelForSequenceClassification.from_config(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(out)
+    return out
+
+
+def make_trained(base_dir, root):
     """A tokenized eval split and an adapter whose B is not zero (as after training)."""
-    root = tmp_path_factory.mktemp("merge-check")
-    p = params(tiny_bert)
-    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    p = params(base_dir)
+    tok = AutoTokenizer.from_pretrained(base_dir)
     rows = datasets.Dataset.from_dict({"sentence": SENTENCES, "label": [1, 0, 0, 1] * 3})
     eval_rows = get_task("seq_cls").tokenize(rows, tok, p, "data.eval")
     datasets.DatasetDict({"eval": eval_rows}).save_to_disk(str(root / "tokenized"))
     torch.manual_seed(0)
-    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
-    # tiny_bert's head is drawn unseeded (session fixture) and small: logits of a fixed scale here.
+    base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=2)
+    # A head drawn here, and larger than transformers' init: logits of a fixed scale.
     torch.nn.init.normal_(base.classifier.weight, std=1.0)
     model = get_peft_model(base, lora_config(p))
     for name, weight in model.named_parameters():
@@ -72,15 +90,25 @@ def run_merge(p, root, out):
     )
 
 
-def doubled_scaling_diff(p, root) -> float:
-    """Max |Δlogit| / max |logit| between the adapter at alpha/r and at 2·alpha/r, on the probe."""
-    task, tok = get_task(p.task), AutoTokenizer.from_pretrained(p.model.name)
+def probe_batch(p, root) -> dict:
+    """The merge check's probe: the first probe_size eval rows, collated, without labels."""
+    tok = AutoTokenizer.from_pretrained(p.model.name)
     rows = datasets.load_from_disk(str(root / "tokenized"))["eval"]
     rows = rows.select(range(min(p.merge.probe_size, len(rows)))).remove_columns("length")
-    batch = task.collator(tok, p)(list(rows))
+    batch = get_task(p.task).collator(tok, p)(list(rows))
     batch.pop("labels")
+    return batch
+
+
+def adapter_model(p, root, quantized):
     rt = resolve(p, AutoConfig.from_pretrained(p.model.name))
-    model = load_with_adapter(p, rt, root / "adapter", tok.pad_token_id, quantized=False)
+    pad = AutoTokenizer.from_pretrained(p.model.name).pad_token_id
+    return load_with_adapter(p, rt, root / "adapter", pad, quantized=quantized)
+
+
+def doubled_scaling_diff(p, root) -> float:
+    """Max |Δlogit| / max |logit| between the adapter at alpha/r and at 2·alpha/r, on the probe."""
+    batch, model = probe_batch(p, root), adapter_model(p, root, quantized=False)
     with torch.no_grad():
         right = model(**batch).logits
         for module in model.modules():
@@ -200,3 +228,71 @@ def test_a_causal_lm_merge_is_checked_on_its_own_collated_probe(tiny_llama, tmp_
     result = run_merge(p, tmp_path, tmp_path / "out")
     assert result["passed"] and result["max_abs_logit_diff"] < 1e-5
     assert "AutoModelForCausalLM" in (tmp_path / "out" / "merged" / "README.md").read_text()
+
+
+def test_the_report_says_what_was_compared_and_each_phase_is_announced(
+    trained, tiny_bert, tmp_path, capsys, monkeypatch
+):
+    sizes = []
+    real = merge_module.merge_runtime
+    monkeypatch.setattr(
+        merge_module,
+        "merge_runtime",
+        lambda rt, dtype, size: sizes.append((dtype, size)) or real(rt, dtype, size),
+    )
+    result = run_merge(params(tiny_bert), trained, tmp_path)
+    # Where the merge runs is decided by the base's bytes, known from its config alone.
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert)
+    assert sizes == [(torch.float32, 4 * sum(t.numel() for t in base.parameters()))]
+    cpu = {"device": "cpu", "dtype": "float32"}
+    assert result["expected"] == {"model": "base + adapter, unmerged", **cpu}
+    assert result["merged"] == {"model": "the saved merged folder, reloaded", **cpu}
+    assert result["min_top1_agreement"] == 0.99 and "quantized" not in result
+    assert json.loads((tmp_path / "merge.json").read_text()) == result
+    said = [re.sub(r" \(at \d+:\d\d\)$", "", x) for x in capsys.readouterr().out.splitlines()]
+    assert said == [
+        "merge 1/4: loading base + adapter (full precision)",
+        "merge 2/4: merging W + (alpha/r)·B·A",
+        "merge 3/4: saving",
+        "merge 4/4: verifying the saved model",
+    ]
+
+
+def test_a_4_bit_run_merges_in_full_precision_and_reports_the_gap_to_its_4_bit_base(
+    wide_bert, tmp_path
+):
+    trained = make_trained(wide_bert, tmp_path / "trained")
+    p = params(wide_bert, bits=4)
+    result = run_merge(p, trained, tmp_path / "out")
+    assert result["passed"] and result["expected"]["dtype"] == "float32"
+    assert result["quantized"] == {
+        "model": "k-bit base + adapter (as trained)",
+        "device": "cpu",
+        "dtype": "float32",
+    }
+    saved = json.loads((tmp_path / "out" / "merged" / "config.json").read_text())
+    assert "quantization_config" not in saved  # merged into the full-precision base
+    batch = probe_batch(p, trained)
+    with torch.no_grad():
+        full = adapter_model(p, trained, quantized=False)(**batch).logits
+        four_bit = adapter_model(p, trained, quantized=True)(**batch).logits
+    gap = (four_bit - full).abs().max().item()
+    assert gap > 1e-3  # NF4 moves the logits: the reported gap is that, not zero
+    assert result["max_abs_logit_diff_vs_quantized"] == pytest.approx(gap, rel=1e-4)
+
+
+def test_compare_logits_is_relative_to_the_largest_expected_logit():
+    expected = torch.tensor([[0.5, -0.25], [0.1, 0.2]])  # |logit| under 1: the ratio matters
+    got = expected + torch.tensor([[0.05, 0.0], [0.0, -0.3]])  # row 2's argmax flips
+    assert compare_logits(expected, got) == pytest.approx(
+        {"max_abs_logit_diff": 0.3, "max_rel_logit_diff": 0.6, "top1_agreement": 0.5}
+    )
+
+
+def test_a_causal_probe_scores_only_its_target_tokens():
+    logits = torch.arange(24.0).reshape(2, 3, 4)
+    labels = torch.tensor([[IGNORE, 5, 6], [7, IGNORE, IGNORE]])
+    scored = merge_module._scored(logits, {"labels": labels})
+    assert torch.equal(scored, torch.stack([logits[0, 1], logits[0, 2], logits[1, 0]]))
+    rows = torch.ones(3, 2)  # a classifier's: one row per example, kept as it is
+    assert merge_module._scored(rows, {"labels": torch.tensor([0, 1, 1])}) is rows

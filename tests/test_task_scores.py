@@ -107,6 +107,41 @@ def test_seq_cls_evaluation_drops_the_length_column(tiny_bert):
     assert (got["accuracy"], got["examples"]) == (1.0, 2)
 
 
+class DeviceRecorder(torch.nn.Module):
+    """Weights on the meta device, as a GPU model's are on cuda: records where inputs arrive."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.empty(1, device="meta"))
+        self.seen: list[str] = []
+
+    def forward(self, **inputs):
+        self.seen += [v.device.type for v in inputs.values() if torch.is_tensor(v)]
+        return SimpleNamespace(logits=None)
+
+
+class DevicesTask:
+    def score_batch(self, logits, batch):
+        return {"devices": [v.device.type for v in batch.values()]}
+
+    def summarize(self, sums):
+        return sums
+
+
+def test_every_batch_goes_to_the_models_device_under_a_bar_in_a_terminal(
+    tiny_bert, monkeypatch, capsys
+):
+    monkeypatch.setenv("LORAPIPE_PROGRESS", "bars")  # as in a terminal
+    rows = datasets.Dataset.from_dict({"input_ids": [[101, 7, 102]] * 3, "labels": [0, 1, 0]})
+    model = DeviceRecorder()
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    got = evaluate_model(model, rows, DataCollatorWithPadding(tok), DevicesTask(), 2)
+    assert len(model.seen) == 4 and set(model.seen) == {"meta"}  # 2 batches x ids and mask
+    assert len(got["devices"]) == 6 and set(got["devices"]) == {"meta"}  # labels too
+    bar = capsys.readouterr().err
+    assert "evaluate:" in bar and "batch/s" in bar and "0/2 " in bar  # 2 batches
+
+
 @pytest.fixture
 def plain_tok(tiny_llama):
     return AutoTokenizer.from_pretrained(tiny_llama)

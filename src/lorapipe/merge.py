@@ -23,8 +23,8 @@ from lorapipe.io import atomic_dir, read_json, write_json
 from lorapipe.lora import ADAPTER_KEYS
 from lorapipe.modeling import load_config, load_tokenizer, load_with_adapter
 from lorapipe.packing import model_inputs
+from lorapipe.plan import build_meta_model
 from lorapipe.runtime import Runtime, merge_runtime, resolve
-from lorapipe.sources import resolve_model
 from lorapipe.tasks import IGNORE, get_task
 
 MERGE_KEYS = [
@@ -69,11 +69,6 @@ def compare_logits(expected: torch.Tensor, got: torch.Tensor) -> dict[str, float
     }
 
 
-def _checkpoint_dtype(config: Any) -> torch.dtype:
-    dtype = getattr(config, "dtype", None) or torch.float32
-    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
-
-
 def _side(model: str, rt: Runtime) -> dict[str, str]:
     return {"model": model, "device": rt.device, "dtype": str(rt.base_dtype).removeprefix("torch.")}
 
@@ -90,14 +85,14 @@ def merge(
     """`rt`: the stage's resolved runtime (resolved for this machine when not given)."""
     task, tok, config = get_task(p.task), load_tokenizer(p), load_config(p)
     rt = rt or resolve(p, config)
-    base_dir = Path(resolve_model(p.model.name))
-    size = sum(f.stat().st_size for f in base_dir.glob("*.safetensors")) or 4e9 * 4
-    mrt = merge_runtime(rt, _checkpoint_dtype(config), size)
+    # The checkpoint's dtype (transformers reads it into a torch.dtype; None: saved without).
+    dtype = config.dtype or torch.float32
+    # Its bytes from the config's shapes: a hub id has no local files to measure.
+    meta = build_meta_model(config, p.task, p.data.num_labels)
+    mrt = merge_runtime(rt, dtype, sum(t.numel() for t in meta.parameters()) * dtype.itemsize)
     probe_rows = datasets.load_from_disk(str(tokenized))["eval"]
     probe_rows = probe_rows.select(range(min(p.merge.probe_size, len(probe_rows))))
-    probe = task.collator(tok, p)(
-        [{k: v for k, v in r.items() if k != "length"} for r in probe_rows]
-    )
+    probe = task.collator(tok, p)(list(probe_rows))  # model_inputs drops `length`
     phase = progress.Phases("merge", 4)
     phase("loading base + adapter (full precision)")
     peft_model = load_with_adapter(p, mrt, adapter, tok.pad_token_id, quantized=False)

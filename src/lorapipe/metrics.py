@@ -27,7 +27,6 @@ def evaluate_model(
     # weighs tokens unequally; perplexity needs the token-level sum.
     model.eval()
     device = next(model.parameters()).device
-    dataset = dataset.remove_columns([c for c in ("length",) if c in dataset.column_names])
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collator, shuffle=False)
     sums: dict[str, Any] = {}
     # no_grad as a block, not a decorator: mutation testing (`make mutate`) skips decorated code.
