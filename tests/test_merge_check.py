@@ -34,6 +34,8 @@ def params(model, tolerance=1e-4, probe_size=8, min_top1=0.99, bits="none"):
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["model"]["name"] = str(model)
     raw["quant"]["bits"] = bits
+    if "llama" in str(model):
+        raw["lora"]["target_modules"] = ["q_proj", "v_proj"]
     raw["lora"]["dropout"] = 0.0
     raw["merge"].update(tolerance=tolerance, probe_size=probe_size, min_top1_agreement=min_top1)
     return parse_params(raw)
@@ -57,6 +59,23 @@ def wide_bert(tiny_bert, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def llama_without_pad(tiny_llama, tmp_path_factory):
+    """A Llama classifier whose config has no pad id, as Llama 3's: it scores each row's last
+    non-pad token, so it needs one (the tokenizer's), or a batch of two rows fails. 64 wide, as
+    bitsandbytes' CPU 4-bit kernels need."""
+    out = tmp_path_factory.mktemp("llama-no-pad")
+    config = AutoConfig.from_pretrained(tiny_llama)
+    config.update(
+        {"pad_token_id": None, "hidden_size": 64, "intermediate_size": 128, "head_dim": 32}
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        AutoModelForSequenceClassification.from_config(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(out)
+    return out
+
+
 def make_trained(base_dir, root):
     """A tokenized eval split and an adapter whose B is not zero (as after training)."""
     p = params(base_dir)
@@ -67,7 +86,7 @@ def make_trained(base_dir, root):
     torch.manual_seed(0)
     base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=2)
     # A head drawn here, and larger than transformers' init: logits of a fixed scale.
-    torch.nn.init.normal_(base.classifier.weight, std=1.0)
+    torch.nn.init.normal_(getattr(base, "classifier", getattr(base, "score", None)).weight, std=1.0)
     model = get_peft_model(base, lora_config(p))
     for name, weight in model.named_parameters():
         if "lora_B" in name:
@@ -296,3 +315,16 @@ def test_a_causal_probe_scores_only_its_target_tokens():
     assert torch.equal(scored, torch.stack([logits[0, 1], logits[0, 2], logits[1, 0]]))
     rows = torch.ones(3, 2)  # a classifier's: one row per example, kept as it is
     assert merge_module._scored(rows, {"labels": torch.tensor([0, 1, 1])}) is rows
+
+
+@pytest.mark.parametrize("bits", ["none", 4])  # 4: the quantized side is loaded with it too
+def test_a_classifier_without_a_pad_id_is_merged_with_the_tokenizers(
+    llama_without_pad, tmp_path, bits
+):
+    trained = make_trained(llama_without_pad, tmp_path / "trained")
+    result = run_merge(params(llama_without_pad, bits=bits), trained, tmp_path / "out")
+    assert result["passed"] and result["probe_rows"] == 8
+    assert ("max_abs_logit_diff_vs_quantized" in result) == (bits == 4)
+    saved = json.loads((tmp_path / "out" / "merged" / "config.json").read_text())
+    pad = AutoTokenizer.from_pretrained(llama_without_pad).pad_token_id
+    assert pad is not None and saved["pad_token_id"] == pad  # the merged model alone works too
