@@ -1,9 +1,11 @@
 """Sharing results: a DVC remote between two clones, link-type caching, portable adapters."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ from lorapipe.config import UserError, load_params
 from lorapipe.modeling import load_config, load_with_adapter
 from lorapipe.runtime import resolve
 from lorapipe.sources import resolve_model
-from tests.conftest import MINILM, dvc, make_project, run, set_params
+from tests.conftest import MINILM, ROOT, dvc, make_project, run, set_params
 
 # MiniLM from its package (a `pkg:` base, as the default), on a handful of rows: seconds.
 TINY = {
@@ -133,3 +135,30 @@ def test_adapter_of_another_base_is_refused(clones, tiny_bert, tmp_path):
     config["base_model_name_or_path"] = "/home/someone/.venv/lib/site-packages/m/model"
     (legacy / "adapter_config.json").write_text(json.dumps(config))
     load(p, legacy)
+
+
+SAVE_ADAPTER = """
+import sys
+from pathlib import Path
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForSequenceClassification
+from lorapipe.card import make_portable
+base = AutoModelForSequenceClassification.from_pretrained(sys.argv[1])
+model = get_peft_model(base, LoraConfig(target_modules=["query", "key", "value"]))
+model.save_pretrained(sys.argv[2])
+make_portable(Path(sys.argv[2]), "pkg:some/model")
+"""
+
+
+def test_the_same_adapter_is_the_same_bytes_in_every_process(tiny_bert, tmp_path):
+    # PEFT saves target_modules from a set, in string-hash order: per process, unless sorted.
+    saved = set()
+    for seed in range(4):
+        out = tmp_path / str(seed)
+        env = {**os.environ, "PYTHONHASHSEED": str(seed), "PYTHONPATH": str(ROOT / "src")}
+        subprocess.run(
+            [sys.executable, "-c", SAVE_ADAPTER, str(tiny_bert), str(out)], env=env, check=True
+        )
+        saved.add((out / "adapter_config.json").read_bytes())
+    assert len(saved) == 1
+    assert json.loads(saved.pop())["target_modules"] == ["key", "query", "value"]

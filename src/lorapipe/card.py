@@ -52,17 +52,21 @@ def model_card(title: str, params: dict[str, Any], metrics: dict[str, Any], usag
     )
 
 
-def record_portable_base(folder: Path, name: str) -> None:
-    """Record the base as params name it (pkg:…, hub id), not as the folder it loaded from.
+def make_portable(folder: Path, name: str) -> None:
+    """Record the base as params name it (pkg:…, hub id), not as the folder it loaded from, and
+    the target modules in a stable order: the same adapter, the same bytes on every machine.
 
     PEFT writes the resolved folder, for a packaged model a path inside this virtualenv: another
     machine could not load it, and the adapter's DVC hash would differ per venv path.
     modeling.load_with_adapter resolves the name on the machine that loads it. (Rewritten after
-    saving: PEFT's save looks the recorded name up as a folder or on the hub.)
+    saving: PEFT's save looks the recorded name up as a folder or on the hub.) PEFT keeps
+    target_modules as a set, saved in string-hash order, which changes from process to process.
     """
     config = folder / "adapter_config.json"
     raw = read_json(config)
     old, raw["base_model_name_or_path"] = raw.get("base_model_name_or_path"), name
+    if isinstance(raw.get("target_modules"), list):  # not a regex or "all-linear"
+        raw["target_modules"] = sorted(raw["target_modules"])
     write_json(config, raw)
     readme = folder / "README.md"  # PEFT's own card (in checkpoints) names the base too
     if old and readme.is_file():

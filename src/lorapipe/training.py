@@ -33,7 +33,7 @@ from lorapipe.callbacks import (
     StepAlignedDVCLive,
     StepLines,
 )
-from lorapipe.card import model_card, record_portable_base, usage
+from lorapipe.card import make_portable, model_card, usage
 from lorapipe.config import MODEL_KEYS, QUANT_KEYS, Params, stage_params
 from lorapipe.io import atomic_dir, write_json
 from lorapipe.lora import ADAPTER_KEYS, RESIDUAL_INITS, save_adapter
@@ -317,7 +317,7 @@ def train(
         trained_with = stage_params(p, [*TRAIN_KEYS, "data.train", "data.eval"])
         with atomic_dir(adapter_out) as tmp:
             save_adapter(model, tmp, initial)  # applies to the original base, whatever the init
-            record_portable_base(tmp, p.model.name)
+            make_portable(tmp, p.model.name)
             tok.save_pretrained(tmp)
             write_json(tmp / "lorapipe_params.json", trained_with)
             card = model_card("LoRA adapter", trained_with, summary, usage(p, adapter_out))
@@ -326,7 +326,7 @@ def train(
         final = work / f"checkpoint-{result.global_step}"
         with atomic_dir(checkpoint_out) as tmp:
             shutil.copytree(final, tmp, dirs_exist_ok=True)
-            record_portable_base(tmp, p.model.name)
+            make_portable(tmp, p.model.name)
         resumed_from = int(resume.name.split("-")[-1]) if resume else 0
         steps_run = result.global_step - resumed_from
         write_json(
