@@ -275,19 +275,19 @@ def _tsv(path, rows):
     return str(path)
 
 
+def tokenize_tsv(model, folder, train, evaluation=None):
+    """The tokenize stage's library call on (text, label) rows written as TSV files."""
+    eval_file = _tsv(folder / "e.tsv", evaluation) if evaluation else None
+    p = params_with(model, **{"data.train": _tsv(folder / "t.tsv", train), "data.eval": eval_file})
+    return tokenize(p, folder / "tokenized")
+
+
 def test_blank_texts_are_dropped_and_counted(tiny_bert, tmp_path, caplog):
     train = [("good film", 1), ("  ", 0), ("bad film", 0), (" ", 1)]
     train += [(f"row {i}", i % 2) for i in range(20)]
     evaluation = [("good film", 1), ("new one", 0), ("   ", 1), ("another", 1)]
-    p = params_with(
-        tiny_bert,
-        **{
-            "data.train": _tsv(tmp_path / "t.tsv", train),
-            "data.eval": _tsv(tmp_path / "e.tsv", evaluation),
-        },
-    )
     with caplog.at_level(logging.INFO, logger="lorapipe"):
-        meta = tokenize(p, tmp_path / "tokenized")
+        meta = tokenize_tsv(tiny_bert, tmp_path, train, evaluation)
     assert meta["dropped_blank_rows"] == {"train": 2, "eval": 1}
     assert meta["rows"] == {"train": 22, "eval": 3}
     assert json.loads((tmp_path / "tokenized/meta.json").read_text())["dropped_blank_rows"] == {
@@ -307,15 +307,8 @@ def test_blank_texts_are_dropped_and_counted(tiny_bert, tmp_path, caplog):
 def test_a_missing_or_rare_class_is_a_loud_warning(tiny_bert, tmp_path, caplog):
     train = [(f"row {i}", 1) for i in range(150)] + [("the only zero", 0)]
     evaluation = [(f"eval {i}", 1) for i in range(5)]
-    p = params_with(
-        tiny_bert,
-        **{
-            "data.train": _tsv(tmp_path / "t.tsv", train),
-            "data.eval": _tsv(tmp_path / "e.tsv", evaluation),
-        },
-    )
     with caplog.at_level(logging.INFO, logger="lorapipe"):
-        meta = tokenize(p, tmp_path / "tokenized")
+        meta = tokenize_tsv(tiny_bert, tmp_path, train, evaluation)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == [
         "data.train: label 0 has 1 of 151 rows (under 1 %)",
@@ -327,9 +320,8 @@ def test_a_missing_or_rare_class_is_a_loud_warning(tiny_bert, tmp_path, caplog):
 
 def test_single_label_training_set_warns_that_it_cannot_learn(tiny_bert, tmp_path, caplog):
     train = [(f"row {i}", 1) for i in range(10)]
-    p = params_with(tiny_bert, **{"data.train": _tsv(tmp_path / "t.tsv", train), "data.eval": None})
     with caplog.at_level(logging.INFO, logger="lorapipe"):
-        tokenize(p, tmp_path / "tokenized")
+        tokenize_tsv(tiny_bert, tmp_path, train)
     assert "data.train: label 0 has no rows of 9: the model cannot learn it" in caplog.text
 
 

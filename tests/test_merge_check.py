@@ -87,15 +87,20 @@ def make_trained(base_dir, root):
     base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=2)
     # A head drawn here, and larger than transformers' init: logits of a fixed scale.
     torch.nn.init.normal_(getattr(base, "classifier", getattr(base, "score", None)).weight, std=1.0)
-    model = get_peft_model(base, lora_config(p))
+    save_as_trained(get_peft_model(base, lora_config(p)), p, root, 3.0, {"trainable_params": 1})
+    return root
+
+
+def save_as_trained(model, p, root, b_std, metrics):
+    """What the merge stage reads after training: the adapter, with B drawn (zero before any
+    training), the params it was trained with, and the train metrics."""
     for name, weight in model.named_parameters():
         if "lora_B" in name:
-            torch.nn.init.normal_(weight, std=3.0)
+            torch.nn.init.normal_(weight, std=b_std)
     model.save_pretrained(root / "adapter")
     trained_with = stage_params(p, [*TRAIN_KEYS, "data.train", "data.eval"])
     (root / "adapter" / "lorapipe_params.json").write_text(json.dumps(trained_with))
-    (root / "metrics.json").write_text(json.dumps({"trainable_params": 1}))
-    return root
+    (root / "metrics.json").write_text(json.dumps(metrics))
 
 
 def run_merge(p, root, out):
@@ -237,13 +242,7 @@ def test_a_causal_lm_merge_is_checked_on_its_own_collated_probe(tiny_llama, tmp_
     eval_rows = get_task("causal_lm").tokenize(rows, tok, p, "data.eval")
     datasets.DatasetDict({"eval": eval_rows}).save_to_disk(str(tmp_path / "tokenized"))
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama), lora_config(p))
-    for name, weight in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(weight, std=1.0)
-    model.save_pretrained(tmp_path / "adapter")
-    trained_with = stage_params(p, [*TRAIN_KEYS, "data.train", "data.eval"])
-    (tmp_path / "adapter" / "lorapipe_params.json").write_text(json.dumps(trained_with))
-    (tmp_path / "metrics.json").write_text("{}")
+    save_as_trained(model, p, tmp_path, 1.0, {})
     result = run_merge(p, tmp_path, tmp_path / "out")
     assert result["passed"] and result["max_abs_logit_diff"] < 1e-5
     assert "AutoModelForCausalLM" in (tmp_path / "out" / "merged" / "README.md").read_text()
