@@ -70,8 +70,13 @@ def cmd_compare(args: argparse.Namespace) -> None:
     rows = compare.experiments(repo)
     metrics = [args.metric, "eval:tuned.loss", "timing:train_seconds"]
     print(compare.table(rows, args.params_shown, metrics).to_string(index=False))
-    compare.plot(repo, rows, args.params_shown[0], args.metric, Path(args.out))
-    print(f"wrote {args.out}")
+    band = compare.noise_band(rows, args.metric)
+    if len(band):
+        print(f"\n{args.metric} over seeds (configurations differing only in train.seed):")
+        print(band.to_string(index=False))
+    if args.out:  # opt-in: a tracked PNG rewritten by every call would dirty the tree
+        compare.plot(repo, rows, args.params_shown[0], args.metric, Path(args.out))
+        print(f"wrote {args.out}")
 
 
 def cmd_push(args: argparse.Namespace) -> None:
@@ -222,7 +227,7 @@ def parser() -> argparse.ArgumentParser:
         help="params columns; the first is the PNG's x axis",
     )
     cmp.add_argument("--metric", default="eval:accuracy", help="<metrics file stem>:<key>")
-    cmp.add_argument("--out", default="reports/compare.png")
+    cmp.add_argument("--out", help="also draw the metric and loss curves into this PNG")
     for name, fn, text in (
         ("predict", cmd_predict, "label + probability per input line"),
         ("generate", cmd_generate, "greedy completion per input line"),

@@ -1,4 +1,8 @@
-"""`dvc exp show --json` → one table (params, metrics, train time) and one PNG."""
+"""`dvc exp show --json` → one table (params, metrics, train time), a seed-noise band, a PNG.
+
+A failed, queued or running experiment is shown with its state and no metrics: `dvc exp show`
+fills such a row with its baseline's metrics, which are not its own.
+"""
 
 from __future__ import annotations
 
@@ -26,14 +30,19 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _row(entry: dict[str, Any], name: str) -> dict[str, Any]:
+SEED = "train.seed"
+
+
+def _row(entry: dict[str, Any], name: str, state: str = "success") -> dict[str, Any]:
     data = entry.get("data") or {}
     params = _flatten((data.get("params") or {}).get("params.yaml", {}).get("data", {}))
+    if entry.get("error"):
+        state = "failed"
     metrics: dict[str, Any] = {}
-    for path, content in (data.get("metrics") or {}).items():
+    for path, content in (data.get("metrics") or {}).items() if state == "success" else ():
         flat = _flatten(content.get("data", {}))
         metrics.update({f"{Path(path).stem}:{k}": v for k, v in flat.items()})
-    return {"name": name, "rev": entry["rev"], "params": params, "metrics": metrics}
+    return {"name": name, "rev": entry["rev"], "state": state, "params": params, "metrics": metrics}
 
 
 def parse_exp_show(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -45,8 +54,10 @@ def parse_exp_show(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             _row(baseline, baseline.get("name") or (rev if rev == "workspace" else rev[:7]))
         )
         for exp in baseline.get("experiments") or []:
+            state = (exp.get("executor") or {}).get("state") or "success"
             for rev in exp.get("revs") or []:
-                rows.append(_row(rev, exp.get("name") or rev.get("name") or rev["rev"][:7]))
+                name = exp.get("name") or rev.get("name") or rev["rev"][:7]
+                rows.append(_row(rev, name, state))
     return rows
 
 
@@ -64,10 +75,44 @@ def table(rows: list[dict[str, Any]], params: list[str], metrics: list[str]) -> 
                 "experiment": r["name"],
                 **{p: r["params"].get(p) for p in params},
                 **{m: r["metrics"].get(m) for m in metrics},
+                **({"state": r["state"]} if any(x["state"] != "success" for x in rows) else {}),
             }
             for r in rows
         ]
     )
+
+
+def noise_band(rows: list[dict[str, Any]], metric: str) -> pd.DataFrame:
+    """Mean ± std of `metric` over experiments that differ only in train.seed.
+
+    One row per configuration run under two or more seeds: a difference between two
+    configurations means something only beyond these bands. The workspace is left out (it
+    repeats its baseline); a run listed twice under one seed counts once.
+    """
+    groups: dict[str, list[float]] = {}
+    seeds: dict[str, list[Any]] = {}
+    for r in rows:
+        value = r["metrics"].get(metric)
+        if r["state"] != "success" or value is None or r["rev"] == "workspace":
+            continue
+        config = json.dumps({k: v for k, v in r["params"].items() if k != SEED}, sort_keys=True)
+        if r["params"].get(SEED) in seeds.setdefault(config, []):
+            continue  # the same run listed twice (a baseline and its experiment)
+        seeds[config].append(r["params"].get(SEED))
+        groups.setdefault(config, []).append(float(value))
+    band = [
+        {
+            "seeds": sorted(seeds[c], key=str),
+            "n": len(v),
+            "mean": pd.Series(v).mean(),
+            "std": pd.Series(v).std(ddof=1),
+            "min": min(v),
+            "max": max(v),
+        }
+        for c, v in groups.items()
+        if len(v) >= 2
+    ]
+    return pd.DataFrame(band, columns=["seeds", "n", "mean", "std", "min", "max"])
 
 
 def loss_curve(repo: Path, rev: str) -> pd.DataFrame | None:
