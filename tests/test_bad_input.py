@@ -55,7 +55,7 @@ def test_bad_labels_leave_no_tokenized_output(tiny_bert, tmp_path):
     data = tmp_path / "train.tsv"
     data.write_text("sentence\tlabel\ngood\t1\nbad\t7\n")
     p = params_with(tiny_bert, **{"data.train": str(data), "data.eval": str(data)})
-    with pytest.raises(UserError, match=r"row 2: label 7 is outside 0\.\.1"):
+    with pytest.raises(UserError, match=r"data.train: line 3: label 7 is outside 0\.\.1"):
         tokenize(p, tmp_path / "tokenized")
     assert sorted(x.name for x in tmp_path.iterdir()) == ["train.tsv"]  # no temp folder either
 
@@ -295,8 +295,8 @@ def test_blank_texts_are_dropped_and_counted(tiny_bert, tmp_path, caplog):
         "eval": 1,
     }
     log = caplog.text
-    assert "data.train: dropped 2 of 24 rows whose text is blank" in log
-    assert "data.eval: dropped 1 of 4 rows whose text is blank" in log
+    assert "data.train: dropped 2 of 24 rows whose 'sentence' is blank (first: line 3)" in log
+    assert "data.eval: dropped 1 of 4 rows whose 'sentence' is blank (first: line 4)" in log
     # Leakage: "good film" is in both.
     assert meta["eval_rows_in_train"] == 1
     assert "1 of 3 eval rows also appear verbatim in data.train" in log
@@ -344,7 +344,7 @@ def test_tokenize_stage_output_is_free_of_library_noise(tiny_bert, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout + proc.stderr
-    assert "data.train: dropped 1 of 21 rows whose text is blank" in out
+    assert "data.train: dropped 1 of 21 rows whose 'sentence' is blank (first: line 22)" in out
     assert "data.train labels: 0: " in out and "data.eval labels: " in out
     for noise in ("gemm_4bit", "Warning", "Saving the dataset", "Traceback"):
         assert noise not in out, out

@@ -3,7 +3,7 @@ import time
 import pytest
 
 from lorapipe.config import UserError
-from lorapipe.sources import load_rows, resolve_model
+from lorapipe.sources import LINE, load_rows, resolve_model
 
 
 def test_packaged_model_resolves_to_its_folder():
@@ -47,8 +47,13 @@ def test_tsv_jsonl_txt_and_pydoc(tmp_path):
     assert load_rows(str(tmp_path / "a.tsv"), "data.train")[0] == {
         "sentence": 'it\'s "great"',
         "label": "1",
+        LINE: 2,  # the row's line in its file, for errors
     }
-    assert load_rows(str(tmp_path / "b.jsonl"), "data.train")[0] == {"input": "q", "output": "a"}
+    assert load_rows(str(tmp_path / "b.jsonl"), "data.train")[0] == {
+        "input": "q",
+        "output": "a",
+        LINE: 1,
+    }
     assert list(load_rows(str(tmp_path / "c.txt"), "data.train")["text"]) == ["one", "", "two"]
     assert len(load_rows("pydoc:topics", "data.train")) > 1000
 

@@ -15,6 +15,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lorapipe.config import DataParams, UserError
 from lorapipe.packing import IGNORE
+from lorapipe.sources import at
 
 CONVERSATION_COLUMN = {"messages": "messages", "sharegpt": "conversations"}
 SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
@@ -27,9 +28,9 @@ def _column(rows: datasets.Dataset, column: str, where: str, what: str) -> list[
     return rows[column][:]
 
 
-def _text(value: Any, where: str, row: int, name: str) -> str:
+def _text(value: Any, where: str, row: str, name: str) -> str:
     if not isinstance(value, str):
-        raise UserError(f"{where}: row {row}: '{name}' is {value!r}, not text")
+        raise UserError(f"{where}: {row}: '{name}' is {value!r}, not text")
     return value
 
 
@@ -40,17 +41,18 @@ def pairs(rows: datasets.Dataset, d: DataParams, where: str) -> list[tuple[str, 
         outputs = _column(rows, d.output_field, where, "set data.output_field")
         names = (d.input_field, d.output_field)
         return [
-            (_text(i, where, n, names[0]), _text(o, where, n, names[1]))
-            for n, (i, o) in enumerate(zip(inputs, outputs, strict=True), 1)
+            (_text(i, where, at(rows, n), names[0]), _text(o, where, at(rows, n), names[1]))
+            for n, (i, o) in enumerate(zip(inputs, outputs, strict=True))
         ]
     what = "data.format: alpaca"
     instructions = _column(rows, "instruction", where, what)
     outputs = _column(rows, "output", where, what)
     inputs = rows["input"][:] if "input" in rows.column_names else [""] * len(rows)
     out = []
-    for n, (ins, inp, res) in enumerate(zip(instructions, inputs, outputs, strict=True), 1):
-        ins, res = _text(ins, where, n, "instruction"), _text(res, where, n, "output")
-        inp = _text(inp or "", where, n, "input")  # null or empty: an instruction on its own
+    for n, (ins, inp, res) in enumerate(zip(instructions, inputs, outputs, strict=True)):
+        row = at(rows, n)
+        ins, res = _text(ins, where, row, "instruction"), _text(res, where, row, "output")
+        inp = _text(inp or "", where, row, "input")  # null or empty: an instruction on its own
         out.append((f"{ins}\n\n{inp}" if inp.strip() else ins, res))
     return out
 
@@ -60,25 +62,26 @@ def conversations(rows: datasets.Dataset, d: DataParams, where: str) -> list[lis
     column = CONVERSATION_COLUMN[d.format]
     role_key, text_key = ("role", "content") if d.format == "messages" else ("from", "value")
     out = []
-    for n, turns in enumerate(_column(rows, column, where, f"data.format: {d.format}"), 1):
+    for i, turns in enumerate(_column(rows, column, where, f"data.format: {d.format}")):
+        n = at(rows, i)
         if not isinstance(turns, list) or not turns:
-            raise UserError(f"{where}: row {n}: '{column}' is {turns!r}, not a list of turns")
+            raise UserError(f"{where}: {n}: '{column}' is {turns!r}, not a list of turns")
         messages = []
         for t, turn in enumerate(turns, 1):
             if not isinstance(turn, dict) or role_key not in turn or text_key not in turn:
                 raise UserError(
-                    f"{where}: row {n}: turn {t} is not a {{'{role_key}', '{text_key}'}} mapping"
+                    f"{where}: {n}: turn {t} is not a {{'{role_key}', '{text_key}'}} mapping"
                 )
             role = turn[role_key]
             role = SHAREGPT_ROLES.get(role, role) if d.format == "sharegpt" else role
             if role not in ROLES:
                 raise UserError(
-                    f"{where}: row {n}: turn {t}: role {turn[role_key]!r} is not one of "
+                    f"{where}: {n}: turn {t}: role {turn[role_key]!r} is not one of "
                     f"{', '.join(ROLES if d.format == 'messages' else SHAREGPT_ROLES)}"
                 )
             messages.append({"role": role, "content": _text(turn[text_key], where, n, text_key)})
         if not any(m["role"] == "assistant" for m in messages):
-            raise UserError(f"{where}: row {n}: no assistant turn: nothing to learn")
+            raise UserError(f"{where}: {n}: no assistant turn: nothing to learn")
         out.append(messages)
     return out
 

@@ -13,7 +13,7 @@ from lorapipe.chat import CONVERSATION_COLUMN
 from lorapipe.config import Params, UserError, stage_params
 from lorapipe.io import atomic_dir, write_json
 from lorapipe.modeling import check_max_length, load_config, load_tokenizer
-from lorapipe.sources import check_data, load_rows, require_columns, task_columns
+from lorapipe.sources import LINE, at, check_data, load_rows, require_columns, task_columns
 from lorapipe.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -67,18 +67,29 @@ def _text_columns(p: Params) -> list[str]:
 
 def _drop_blank(rows: datasets.Dataset, p: Params, where: str) -> tuple[datasets.Dataset, int]:
     """Rows whose text is only whitespace would train on special tokens alone: drop, count."""
-    require_columns(rows.column_names, p, where)
-    keep = [True] * len(rows)
+    require_columns([c for c in rows.column_names if c != LINE], p, where)
+    keep, blank = [True] * len(rows), set()
     for column in _text_columns(p):
         for i, text in enumerate(rows[column][:]):
             if not isinstance(text, str):
-                raise UserError(f"{where}: row {i + 1}: '{column}' is {text!r}, not text")
-            keep[i] = keep[i] and bool(text.strip())
+                raise UserError(f"{where}: {at(rows, i)}: '{column}' is {text!r}, not text")
+            if not text.strip():
+                keep[i] = False
+                blank.add(column)
     dropped = keep.count(False)
     if dropped == len(rows):
         raise UserError(f"{where}: every row's {' / '.join(_text_columns(p))} is blank")
     if dropped:
-        log.info("%s: dropped %d of %d rows whose text is blank", where, dropped, len(rows))
+        first = at(rows, keep.index(False))
+        columns = " or ".join(f"'{c}'" for c in _text_columns(p) if c in blank)
+        log.info(
+            "%s: dropped %d of %d rows whose %s is blank (first: %s)",
+            where,
+            dropped,
+            len(rows),
+            columns,
+            first,
+        )
         rows = rows.select([i for i, k in enumerate(keep) if k])
     return rows, dropped
 
@@ -132,8 +143,9 @@ def tokenize(p: Params, out: Path) -> dict[str, Any]:
             leaked,
             len(eval_rows),
         )
-    train = task.tokenize(train_rows, tok, p, "data.train")
-    evaluation = task.tokenize(eval_rows, tok, p, "data.eval")
+    fit: dict[str, dict[str, int]] = {"train": {}, "eval": {}}  # what max_length cost each split
+    train = task.tokenize(train_rows, tok, p, "data.train", fit["train"])
+    evaluation = task.tokenize(eval_rows, tok, p, "data.eval", fit["eval"])
     # Evaluation in length order: batches of similar lengths carry little padding.
     evaluation = evaluation.sort("length")
     meta = {
@@ -143,6 +155,8 @@ def tokenize(p: Params, out: Path) -> dict[str, Any]:
         "dropped_blank_rows": {"train": train_blank, "eval": eval_blank},
         "eval_rows_in_train": leaked,
     }
+    if fit["train"] or fit["eval"]:
+        meta["max_length_fit"] = fit
     if p.task == "seq_cls":
         meta["labels"] = {
             name: label_counts(split["labels"][:], p.data.num_labels, f"data.{name}")

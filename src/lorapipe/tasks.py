@@ -5,6 +5,7 @@ One small object per task, so the rest of the code never branches on the task na
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -24,6 +25,9 @@ from lorapipe import chat
 from lorapipe.config import DataParams, Params, UserError
 from lorapipe.metrics import perplexity
 from lorapipe.packing import IGNORE, PackedCollator, pack, pieces
+from lorapipe.sources import at
+
+log = logging.getLogger(__name__)
 
 
 def _require_column(rows: datasets.Dataset, column: str, key: str, where: str) -> None:
@@ -35,7 +39,7 @@ def _texts(rows: datasets.Dataset, column: str, where: str) -> list[str]:
     texts = rows[column][:]  # a list; list(Column) reads row by row (~2 s per 67k rows)
     for i, text in enumerate(texts):
         if not isinstance(text, str):
-            raise UserError(f"{where}: row {i + 1}: '{column}' is {text!r}, not text")
+            raise UserError(f"{where}: {at(rows, i)}: '{column}' is {text!r}, not text")
     return texts
 
 
@@ -55,7 +59,12 @@ class SeqCls:
         return {"num_labels": data.num_labels}
 
     def tokenize(
-        self, rows: datasets.Dataset, tok: PreTrainedTokenizerBase, p: Params, where: str
+        self,
+        rows: datasets.Dataset,
+        tok: PreTrainedTokenizerBase,
+        p: Params,
+        where: str,
+        counts: dict[str, int] | None = None,
     ) -> datasets.Dataset:
         d = p.data
         _require_column(rows, d.text_field, "data.text_field", where)
@@ -68,14 +77,19 @@ class SeqCls:
                 if str(raw).strip() not in (str(label), f"{label}.0"):
                     raise ValueError
             except (TypeError, ValueError):
-                raise UserError(f"{where}: row {i + 1}: label {raw!r} is not an integer") from None
+                raise UserError(
+                    f"{where}: {at(rows, i)}: label {raw!r} is not an integer"
+                ) from None
             if not 0 <= label < d.num_labels:
                 raise UserError(
-                    f"{where}: row {i + 1}: label {label} is outside 0..{d.num_labels - 1} "
+                    f"{where}: {at(rows, i)}: label {label} is outside 0..{d.num_labels - 1} "
                     "(data.num_labels)"
                 )
             labels.append(label)
         enc = tok(texts, truncation=True, max_length=p.tokenize.max_length)
+        if counts is not None:  # a row at the limit was (almost always) cut there
+            size = p.tokenize.max_length
+            counts["at_max_length"] = sum(len(ids) == size for ids in enc["input_ids"])
         out = datasets.Dataset.from_dict({**enc, "labels": labels})
         return out.add_column("length", [len(ids) for ids in enc["input_ids"]])
 
@@ -135,10 +149,17 @@ class CausalLM:
         return [[*x, tok.eos_token_id] for x in ids]
 
     def tokenize(
-        self, rows: datasets.Dataset, tok: PreTrainedTokenizerBase, p: Params, where: str
+        self,
+        rows: datasets.Dataset,
+        tok: PreTrainedTokenizerBase,
+        p: Params,
+        where: str,
+        counts: dict[str, int] | None = None,
     ) -> datasets.Dataset:
         size, docs = p.tokenize.max_length, self.documents(rows, tok, p, where)
         if p.tokenize.layout == "pad":
+            if counts is not None:
+                counts["truncated"] = sum(len(x) > size for x in docs)
             rows_ids = [[*x[:-1][: size - 1], x[-1]] for x in docs]  # truncated, EOS kept
             return _causal_dataset(rows_ids, [list(x) for x in rows_ids])
         # Pack: a document longer than a block is cut into pieces, each a document of its own.
@@ -186,14 +207,39 @@ class SFT(CausalLM):
     name: ClassVar[str] = "sft"
 
     def tokenize(
-        self, rows: datasets.Dataset, tok: PreTrainedTokenizerBase, p: Params, where: str
+        self,
+        rows: datasets.Dataset,
+        tok: PreTrainedTokenizerBase,
+        p: Params,
+        where: str,
+        counts: dict[str, int] | None = None,
     ) -> datasets.Dataset:
-        size, docs = p.tokenize.max_length, []
-        for ids, labels in chat.encode(rows, tok, p.data, where):
+        """`counts`, when given, receives the rows dropped (no response token within
+        tokenize.max_length) and those whose response was cut."""
+        size, docs, dropped, cut = p.tokenize.max_length, [], [], 0
+        for n, (ids, labels) in enumerate(chat.encode(rows, tok, p.data, where)):
             if any(x != IGNORE for x in labels[:size]):  # else nothing to learn within max_length
                 docs.append((ids[:size], labels[:size]))
+                cut += any(x != IGNORE for x in labels[size:])
+            else:
+                dropped.append(n)
         if not docs:
             raise UserError(f"{where}: every prompt is longer than tokenize.max_length={size}")
+        if dropped:
+            log.warning(
+                "%s: dropped %d of %d rows whose prompt fills tokenize.max_length=%d (first: %s)",
+                where,
+                len(dropped),
+                len(rows),
+                size,
+                at(rows, dropped[0]),
+            )
+        if cut:
+            log.warning(
+                "%s: %d of %d responses cut at tokenize.max_length=%d", where, cut, len(docs), size
+            )
+        if counts is not None:
+            counts.update(dropped_long_prompt=len(dropped), truncated_response=cut)
         if p.tokenize.layout == "pack":
             return _packed_dataset(docs, size)
         return _causal_dataset([d[0] for d in docs], [d[1] for d in docs])
