@@ -374,6 +374,30 @@ def test_predict_refuses_before_any_model_loads(tmp_path, argv, adapter, message
     assert proc.stdout.strip() == "imported:"
 
 
+@pytest.mark.parametrize(
+    ("command", "task", "kind", "message"),
+    [
+        ("predict", "seq_cls", "LlamaForCausalLM", "predict needs a *ForSequenceClassification"),
+        ("generate", "causal_lm", "BertForSequenceClassification", "generate needs a *ForCausalLM"),
+    ],
+)
+def test_a_model_of_the_wrong_kind_is_refused_before_it_loads(
+    tmp_path, command, task, kind, message
+):
+    import yaml
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["task"] = task
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    (tmp_path / "in.txt").write_text("a fine film\n")
+    (tmp_path / "merged").mkdir()
+    (tmp_path / "merged/config.json").write_text(json.dumps({"architectures": [kind]}))
+    proc, _ = light_run(tmp_path, "lorapipe", command, "in.txt", "--model", "merged")
+    assert proc.returncode == 2
+    assert error_lines(proc) == [f"error: --model: merged is a {kind}; {message} model"]
+    assert proc.stdout.strip() == "imported:"
+
+
 def test_make_works_in_a_path_with_a_space(tmp_path):
     project = tmp_path / "my projects" / "lorapipe"
     bin_dir = project / ".venv/bin"

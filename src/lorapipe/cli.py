@@ -99,14 +99,27 @@ def _read_inputs(source: str) -> list[str]:
     return [line for line in text.splitlines() if line.strip()]
 
 
+# The head a command needs, as config.json's `architectures` names it (read without transformers).
+HEADS = {"predict": "ForSequenceClassification", "generate": "ForCausalLM"}
+
+
 def _check_model_folders(args: argparse.Namespace) -> None:
-    """Before any model loads (seconds to a minute): the folder to load exists and is one."""
+    """Before any model loads (seconds to a minute): the folder to load exists, is one, and has
+    the head the command needs (a classifier's would generate gibberish, and the reverse)."""
     if args.model:
-        if not (Path(args.model) / "config.json").is_file():
+        config = Path(args.model) / "config.json"
+        if not config.is_file():
             what = "is not a model folder (no config.json)"
             raise UserError(
                 f"--model: {args.model} {what if Path(args.model).is_dir() else 'does not exist'}; "
                 "a merged model folder, such as models/merged after `dvc repro merge`"
+            )
+        head = HEADS[args.command]
+        kinds = json.loads(config.read_text()).get("architectures") or []
+        if not any(k.endswith(head) for k in kinds):
+            raise UserError(
+                f"--model: {args.model} is a {', '.join(kinds) or 'model of unknown kind'}; "
+                f"{args.command} needs a *{head} model"
             )
     elif not (Path(args.adapter) / "adapter_config.json").is_file():
         raise UserError(
