@@ -1,5 +1,5 @@
-"""Model cards (README.md) for the adapter and merged folders, as hub users expect, and the
-portable base name an adapter records."""
+"""Model cards (README.md) for the adapter and merged folders, as hub users expect, their
+Provenance section, and the portable base name an adapter records."""
 
 from __future__ import annotations
 
@@ -49,6 +49,42 @@ def model_card(title: str, params: dict[str, Any], metrics: dict[str, Any], usag
         f"## Usage\n\n```python\n{usage.strip()}\n```\n\n"
         f"## Metrics\n\n```json\n{json.dumps(metrics, indent=2, sort_keys=True)}\n```\n\n"
         f"## Training params\n\n```yaml\n{yaml.safe_dump(params, sort_keys=False)}```\n"
+    )
+
+
+def provenance_section(cert: dict[str, Any]) -> str:
+    """A certificate (lorapipe.provenance) in a few lines: how to rebuild this model."""
+    git, m, rt = cert["git"], cert["machine"], cert["runtime"]
+    dirty = git["dirty"]
+    tree = {True: "dirty: " + ", ".join(git.get("changed", [])), False: "clean"}.get(dirty, dirty)
+    if "gpu" in m:
+        where = f"{m['gpu']} ×{m['count']}, compute capability {m['capability']}"
+    else:
+        where = f"{m['cpu']} ({', '.join(m['cpu_flags']) or 'no listed vector extensions'})"
+    libs = ", ".join(f"{k} {v}" for k, v in cert["versions"].items())
+    inputs = cert["inputs"]
+    if inputs:
+        params = sum(len(v) for v in inputs["params"].values())
+        made = (
+            f"Made by the `{cert['stage']}` stage of dvc.yaml from {len(inputs['deps'])} deps and "
+            f"{params} params values, their md5s and values as dvc.lock records them in "
+            f"`certificate.json`. Rebuild: `git checkout {git['commit']} && dvc repro "
+            f"{cert['stage']}`; check a copy against a checkout: "
+            f"`lorapipe verify {cert['artifact']}`."
+        )
+    else:
+        made = "Written outside a dvc.yaml stage: its inputs are not recorded."
+    return (
+        f"## Provenance\n\n{made}\n\n"
+        f"- commit: `{git['commit']}` (tree {tree})\n"
+        f"- libraries: {libs}\n"
+        f"- machine: {where}\n"
+        f"- runtime: base {rt['base_dtype']}, compute {rt['compute_dtype']}, autocast "
+        f"{rt['mixed_precision']}, attention {rt['attn_implementation']}, "
+        f"{rt['world_size']} process(es) on {rt['device']}\n\n"
+        "<details><summary>Inputs (md5 and params values, as in dvc.lock) and metrics</summary>"
+        f"\n\n```json\n{json.dumps({k: cert[k] for k in ('inputs', 'metrics')}, indent=2)}\n```"
+        "\n\n</details>\n"
     )
 
 

@@ -1,4 +1,4 @@
-"""User commands: check, plan, recipe, predict, generate, compare, push."""
+"""User commands: check, plan, recipe, predict, generate, compare, push, verify."""
 
 from __future__ import annotations
 
@@ -83,6 +83,15 @@ def cmd_push(args: argparse.Namespace) -> None:
     from lorapipe.hub import push
 
     print(json.dumps(push(load_params(args.params)), indent=2))
+
+
+def cmd_verify(args: argparse.Namespace) -> None:
+    from lorapipe.provenance import verify
+
+    code, lines = verify(Path(args.folder))
+    print("\n".join(lines))
+    if code:  # 1: its inputs differ from this checkout; 2: the folder is corrupt
+        sys.exit(code)
 
 
 def _read_inputs(source: str) -> list[str]:
@@ -241,6 +250,9 @@ def parser() -> argparse.ArgumentParser:
     )
     cmp.add_argument("--metric", default="eval:accuracy", help="<metrics file stem>:<key>")
     cmp.add_argument("--out", help="also draw the metric and loss curves into this PNG")
+    ver = sub.add_parser("verify", help="a model folder's certificate against this checkout")
+    ver.set_defaults(fn=cmd_verify)
+    ver.add_argument("folder", nargs="?", default="models/adapter", help="default models/adapter")
     for name, fn, text in (
         ("predict", cmd_predict, "label + probability per input line"),
         ("generate", cmd_generate, "greedy completion per input line"),

@@ -24,6 +24,7 @@ from lorapipe.lora import ADAPTER_KEYS
 from lorapipe.modeling import load_config, load_tokenizer, load_with_adapter
 from lorapipe.packing import model_inputs
 from lorapipe.plan import build_meta_model
+from lorapipe.provenance import certify
 from lorapipe.runtime import Runtime, merge_runtime, resolve
 from lorapipe.tasks import IGNORE, get_task
 
@@ -145,6 +146,7 @@ def merge(
         trained_with = read_json(adapter / "lorapipe_params.json")
         card = model_card("Merged LoRA model", trained_with, metrics, usage)
         (tmp / "README.md").write_text(card, encoding="utf-8")
+        certify(tmp, out, mrt, result)
     write_json(report, result)
     phase.close()
     return result

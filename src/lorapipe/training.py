@@ -38,6 +38,7 @@ from lorapipe.config import MODEL_KEYS, QUANT_KEYS, Params, stage_params
 from lorapipe.io import atomic_dir, write_json
 from lorapipe.lora import ADAPTER_KEYS, RESIDUAL_INITS, save_adapter
 from lorapipe.modeling import load_config, load_for_training, load_tokenizer
+from lorapipe.provenance import certify
 from lorapipe.runtime import Runtime, resolve, throughput
 from lorapipe.tasks import get_task
 
@@ -322,11 +323,13 @@ def train(
             write_json(tmp / "lorapipe_params.json", trained_with)
             card = model_card("LoRA adapter", trained_with, summary, usage(p, adapter_out))
             (tmp / "README.md").write_text(card, encoding="utf-8")
+            certify(tmp, adapter_out, rt, report_dir / "metrics.json")
         # save_strategy="steps" makes Trainer save at the last step too: a resumable final state.
         final = work / f"checkpoint-{result.global_step}"
         with atomic_dir(checkpoint_out) as tmp:
             shutil.copytree(final, tmp, dirs_exist_ok=True)
             make_portable(tmp, p.model.name)
+            certify(tmp, checkpoint_out, rt, report_dir / "metrics.json")
         resumed_from = int(resume.name.split("-")[-1]) if resume else 0
         steps_run = result.global_step - resumed_from
         write_json(
