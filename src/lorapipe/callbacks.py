@@ -1,5 +1,6 @@
 """Trainer callbacks of the train stage: the non-finite-loss guard, step-aligned DVCLive curves,
-and progress (a bar in a terminal, one line per logging step otherwise)."""
+progress (a bar in a terminal, one line per logging step otherwise), the last step always
+logged, and the training loop's own time and matmul params for the throughput figures."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import time
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import TrainerCallback
 from transformers.integrations import DVCLiveCallback
 from transformers.trainer_callback import ProgressCallback
@@ -101,3 +103,63 @@ class LossBar(ProgressCallback):
         evals = {k: v for k, v in logs.items() if k.startswith("eval_") and "per_second" not in k}
         if evals:
             self.training_bar.write(progress.step_line(state.global_step, state.max_steps, evals))
+
+
+class LogLastStep(TrainerCallback):
+    """The last optimizer step is always logged: a run shorter than train.logging_steps (or one
+    that ends between two logging steps) still has its final loss and learning rate."""
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step >= state.max_steps:
+            control.should_log = True
+
+
+class LoopTimer(TrainerCallback):
+    """The training loop's own seconds: train() from its first to its last callback, less the
+    evaluations and checkpoint saves inside it.
+
+    Trainer evaluates and then saves right after an optimizer step's end (or an epoch's): the
+    time from that mark to on_evaluate, then to on_save, is theirs. The loss guard syncs with
+    the device once per step, so at most one optimizer step's queued work is counted with them.
+    """
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.begin = self.mark = self.end = time.perf_counter()
+        self.eval_seconds = self.save_seconds = 0.0
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.mark = time.perf_counter()
+
+    on_epoch_end = on_step_end
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        now = time.perf_counter()
+        self.eval_seconds, self.mark = self.eval_seconds + now - self.mark, now
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        now = time.perf_counter()
+        self.save_seconds, self.mark = self.save_seconds + now - self.mark, now
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.end = time.perf_counter()
+
+    @property
+    def loop_seconds(self) -> float:
+        return self.end - self.begin - self.eval_seconds - self.save_seconds
+
+
+def matmul_params(model: nn.Module) -> int:
+    """N of MFU's 4·N FLOPs per token: the frozen base's params (a 4-bit weight counted as
+    PEFT counts it), less the embedding tables a lookup reads (no matmul). An input embedding
+    tied to the output head stays: its weight is the head's matmul too. LoRA's own params are
+    left out (trainable), and a head trained as a copy counts once (its frozen original).
+    """
+    trainable, total = model.get_nb_trainable_parameters()
+    head = model.get_output_embeddings()
+    tied = {id(head.weight)} if head is not None else set()
+    lookups = {
+        id(m.weight): m.weight.numel()
+        for m in model.modules()
+        if isinstance(m, nn.Embedding) and not m.weight.requires_grad and id(m.weight) not in tied
+    }
+    return total - trainable - sum(lookups.values())

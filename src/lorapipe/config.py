@@ -122,6 +122,11 @@ class TrainParams(_Section):
     # DDP only: LoRA's trainable state is tiny, so sharding it (ZeRO, FSDP) saves nothing; FSDP
     # and DeepSpeed were removed because neither could be verified here (README, Several devices).
     distributed: Literal["ddp", "multinode-ddp"] = "ddp"
+    compile: bool = Field(False, description="torch.compile the model (Trainer's torch_compile)")
+    liger: bool = Field(False, description="Liger's Triton kernels (a CUDA GPU and liger-kernel)")
+    deterministic: bool = Field(
+        False, description="torch's deterministic algorithms: repeatable runs, some speed lost"
+    )
 
 
 class EvaluateParams(_Section):

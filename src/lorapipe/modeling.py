@@ -1,16 +1,20 @@
 """Loading: tokenizer, base model (optionally quantized), base + LoRA for training or inference.
 
-Every device and dtype choice comes from the Runtime the stage resolved (lorapipe.runtime).
+Every device and dtype choice comes from the Runtime the stage resolved (lorapipe.runtime); the
+speed switches (compile, Liger's kernels) and deterministic algorithms are checked against it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import PeftModel, get_peft_model
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+from transformers.utils import is_liger_kernel_available
 
 from lorapipe import plan
 from lorapipe.config import Params, UserError
@@ -97,6 +101,33 @@ def prepare_for_training(model: torch.nn.Module, p: Params, rt: Runtime) -> torc
             gradient_checkpointing_kwargs=rt.gradient_checkpointing_kwargs
         )
     return model
+
+
+def speed_switches(p: Params, rt: Runtime) -> dict[str, Any]:
+    """TrainingArguments' speed fields from params; Liger refused where it cannot run."""
+    if p.train.liger and rt.machine.accelerator != "cuda":
+        raise UserError(
+            f"train.liger: Liger's kernels need a CUDA GPU (this machine: {rt.machine.name}); "
+            "set train.liger: false"
+        )
+    if p.train.liger and not is_liger_kernel_available():
+        raise UserError(
+            "train.liger: the liger-kernel package (>= 0.3.0) is not installed: "
+            "pip install liger-kernel, or set train.liger: false"
+        )
+    return {"torch_compile": p.train.compile, "use_liger_kernel": p.train.liger}
+
+
+def use_deterministic(on: bool, rt: Runtime) -> None:
+    """torch's deterministic algorithms (an op without one raises), before the model loads.
+
+    Not TrainingArguments' full_determinism: that also sets CUDA_LAUNCH_BLOCKING=1 (every kernel
+    launch waits for the last) and a cuBLAS workspace of 8 × 16 KiB; here 8 × 4 MiB.
+    """
+    if on and rt.machine.accelerator == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        os.environ.setdefault("FLASH_ATTENTION_DETERMINISTIC", "1")  # flash-attn's backward
+    torch.use_deterministic_algorithms(on)
 
 
 def load_for_training(p: Params, rt: Runtime, tok: PreTrainedTokenizerBase) -> torch.nn.Module:

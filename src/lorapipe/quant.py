@@ -2,10 +2,40 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from transformers import BitsAndBytesConfig
 
 from lorapipe.config import QuantParams, UserError
+
+
+class FirstOnly(logging.Filter):
+    """Passes the first record of each message, drops its repeats."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix, self.seen = prefix, set[str]()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith(self.prefix):
+            return True
+        first = message not in self.seen
+        self.seen.add(message)
+        return first
+
+
+# bitsandbytes warns on every 8-bit matmul's forward whose input is not fp16 ("inputs will be
+# cast from torch.bfloat16 to float16"): 224 lines per forward on Llama-3.1-8B. Said once here.
+BNB_CAST_LOGGER = "bitsandbytes.autograd._functions"
+BNB_CAST_WARNING = "MatMul8bitLt: inputs will be cast"
+
+
+def say_8bit_cast_once() -> None:
+    logger = logging.getLogger(BNB_CAST_LOGGER)
+    if not any(isinstance(f, FirstOnly) for f in logger.filters):
+        logger.addFilter(FirstOnly(BNB_CAST_WARNING))
 
 
 def check_bitsandbytes() -> None:
@@ -26,6 +56,7 @@ def bnb_config(
         return None
     check_bitsandbytes()
     if q.bits == 8:
+        say_8bit_cast_once()
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip_modules)
     return BitsAndBytesConfig(
         load_in_4bit=True,

@@ -28,16 +28,25 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from lorapipe import progress
 from lorapipe.callbacks import (
+    LogLastStep,
+    LoopTimer,
     LossBar,
     NonFiniteGuard,
     StepAlignedDVCLive,
     StepLines,
+    matmul_params,
 )
 from lorapipe.card import make_portable, model_card, usage
-from lorapipe.config import MODEL_KEYS, QUANT_KEYS, Params, stage_params
+from lorapipe.config import MODEL_KEYS, QUANT_KEYS, Params, TrainParams, stage_params
 from lorapipe.io import atomic_dir, write_json
 from lorapipe.lora import ADAPTER_KEYS, RESIDUAL_INITS, save_adapter
-from lorapipe.modeling import load_config, load_for_training, load_tokenizer
+from lorapipe.modeling import (
+    load_config,
+    load_for_training,
+    load_tokenizer,
+    speed_switches,
+    use_deterministic,
+)
 from lorapipe.provenance import certify
 from lorapipe.runtime import Runtime, resolve, throughput
 from lorapipe.tasks import get_task
@@ -51,29 +60,7 @@ TRAIN_KEYS = [
     "lora.dropout",
     "lora.plus_lr_ratio",
     *QUANT_KEYS,
-    *(
-        f"train.{k}"
-        for k in (
-            "seed",
-            "epochs",
-            "max_steps",
-            "batch_size",
-            "grad_accum",
-            "learning_rate",
-            "weight_decay",
-            "warmup_ratio",
-            "max_grad_norm",
-            "mixed_precision",
-            "sampling",
-            "gradient_checkpointing",
-            "logging_steps",
-            "eval_strategy",
-            "eval_steps",
-            "save_steps",
-            "num_processes",
-            "distributed",
-        )
-    ),
+    *(f"train.{k}" for k in TrainParams.model_fields),  # the whole train section
 ]
 CHECKPOINT_FILES = (
     "trainer_state.json",
@@ -230,6 +217,7 @@ def training_args(
         # Token-weighting across ranks scales the loss by the world size for the model to divide
         # back; classifiers' losses are per-example means that never do (2x gradients on 2 ranks).
         average_tokens_across_devices=get_task(p.task).token_weighted_loss,
+        **speed_switches(p, rt),
     )
 
 
@@ -256,6 +244,7 @@ def train(
     resume = latest_checkpoint(work) if work.exists() else None
 
     args = training_args(p, work, has_eval="eval" in data, rt=rt)
+    use_deterministic(p.train.deterministic, rt)
     set_seed(p.train.seed)  # before the model: LoRA's A and a new head are drawn at creation
     model = load_for_training(p, rt, tok)
     world = args.world_size
@@ -271,13 +260,8 @@ def train(
                 model.save_pretrained(tmp)
     log.info(
         "rank %d/%d: %d train rows, effective batch %d (B %d × K %d × D %d)",
-        args.process_index,
-        world,
-        len(data["train"]),
-        effective_batch,
-        p.train.batch_size,
-        p.train.grad_accum,
-        world,
+        *(args.process_index, world, len(data["train"]), effective_batch),
+        *(p.train.batch_size, p.train.grad_accum, world),
     )
     live = Live(dir=str(report_dir), dvcyaml=None, save_dvc_exp=False) if main_rank else None
     trainer = GuardedTrainer(
@@ -288,7 +272,7 @@ def train(
         data_collator=task.collator(tok, p),
         processing_class=tok,
         compute_metrics=task.compute_metrics,
-        callbacks=[StepAlignedDVCLive(live=live), *callbacks],
+        callbacks=[StepAlignedDVCLive(live=live), LogLastStep(), timer := LoopTimer(), *callbacks],
         loraplus_lr_ratio=p.lora.plus_lr_ratio,
     )
     # Trainer's own: a bar, or (disable_tqdm) raw dicts printed; ours: the loss on the bar, lines
@@ -296,7 +280,7 @@ def train(
     trainer.add_callback(LossBar() if progress.interactive() else StepLines())
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    seconds = time.perf_counter() - start
+    wall = time.perf_counter() - start  # with Trainer's setup (and compiling), evals and saves
     trainer.accelerator.wait_for_everyone()  # no rank may still write to `work` when it goes
 
     trainable, total = model.get_nb_trainable_parameters()
@@ -332,10 +316,17 @@ def train(
             certify(tmp, checkpoint_out, rt, report_dir / "metrics.json")
         resumed_from = int(resume.name.split("-")[-1]) if resume else 0
         steps_run = result.global_step - resumed_from
+        samples, seconds = steps_run * effective_batch, timer.loop_seconds
+        figures = throughput(rt, data["train"], samples, seconds, matmul_params(model))
         write_json(
             report_dir / "timing.json",
-            throughput(rt, data["train"], steps_run * effective_batch, seconds, total)
-            | {"resumed_from_step": resumed_from},
+            figures
+            | {
+                "wall_seconds": round(wall, 2),
+                "eval_seconds": round(timer.eval_seconds, 2),
+                "save_seconds": round(timer.save_seconds, 2),
+                "resumed_from_step": resumed_from,
+            },
         )
         shutil.rmtree(work, ignore_errors=True)
         with contextlib.suppress(OSError):  # other runs' resumable work stays
