@@ -14,7 +14,7 @@ import yaml
 
 from lorapipe import cli
 from lorapipe.config import load_params
-from lorapipe.provenance import CERTIFICATE, git_state, md5
+from lorapipe.provenance import CERTIFICATE, certify, git_state, md5
 from tests.conftest import ROOT, dvc, make_project, run, set_params
 
 TINY = {
@@ -69,6 +69,16 @@ def verify(folder: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
     return code, out.out + out.err
 
 
+def git(path: Path, *args: str) -> str:
+    cmd = ["git", "-c", "user.email=t@t", "-c", "user.name=t", *args]
+    return subprocess.run(cmd, cwd=path, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def copied(project: Path, tmp_path: Path) -> Path:
+    shutil.copytree(project / "models/adapter", tmp_path / "adapter")
+    return tmp_path / "adapter"
+
+
 def stage_spec(project: Path, name: str) -> tuple[list[str], list[str]]:
     stage = yaml.safe_load((project / "dvc.yaml").read_text())["stages"][name]
     return stage["deps"], stage["params"]
@@ -78,9 +88,12 @@ def stage_spec(project: Path, name: str) -> tuple[list[str], list[str]]:
 def test_every_artifact_carries_its_certificate(project, folder):
     cert = json.loads((project / folder / CERTIFICATE).read_text())
     stage = FOLDERS[folder]
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True)
     assert (cert["artifact"], cert["stage"]) == (folder, stage)
-    assert cert["git"] == {"commit": head.stdout.strip(), "dirty": False, "changed": []}
+    assert cert["git"] == {
+        "commit": git(project, "rev-parse", "HEAD"),
+        "dirty": False,
+        "changed": [],
+    }
     deps, params = stage_spec(project, stage)
     assert sorted(cert["inputs"]["deps"]) == sorted(deps)  # exactly dvc.yaml's list
     assert sorted(cert["inputs"]["params"]["params.yaml"]) == sorted(params)
@@ -165,8 +178,7 @@ def test_verify_names_a_changed_param(project, capsys, monkeypatch):
 def test_verify_names_other_libraries_and_machines(
     project, tmp_path, capsys, monkeypatch, field, value, line
 ):
-    copy = tmp_path / "adapter"
-    shutil.copytree(project / "models/adapter", copy)
+    copy = copied(project, tmp_path)
     cert = json.loads((copy / CERTIFICATE).read_text())
     cert[field] |= value
     (copy / CERTIFICATE).write_text(json.dumps(cert))
@@ -178,8 +190,7 @@ def test_verify_names_other_libraries_and_machines(
 
 @pytest.mark.parametrize("damage", ["flip", "delete", "add"])
 def test_verify_names_a_damaged_file(project, tmp_path, capsys, monkeypatch, damage):
-    copy = tmp_path / "adapter"
-    shutil.copytree(project / "models/adapter", copy)
+    copy = copied(project, tmp_path)
     weights = copy / "adapter_model.safetensors"
     if damage == "flip":
         data = bytearray(weights.read_bytes())
@@ -201,8 +212,7 @@ def test_verify_names_a_damaged_file(project, tmp_path, capsys, monkeypatch, dam
 
 @pytest.mark.parametrize("damage", ["delete", "garble"])
 def test_verify_without_a_readable_certificate(project, tmp_path, capsys, monkeypatch, damage):
-    copy = tmp_path / "adapter"
-    shutil.copytree(project / "models/adapter", copy)
+    copy = copied(project, tmp_path)
     if damage == "delete":
         (copy / CERTIFICATE).unlink()
     else:
@@ -213,47 +223,51 @@ def test_verify_without_a_readable_certificate(project, tmp_path, capsys, monkey
     assert out.startswith("error: verify: ") and CERTIFICATE in out
 
 
-def _git(path: Path, *args: str) -> None:
-    subprocess.run(
-        ["git", "-c", "user.email=t@t", "-c", "user.name=t", *args],
-        cwd=path,
-        check=True,
-        capture_output=True,
-    )
+def test_a_folder_outside_the_stages_records_no_inputs(project, tmp_path, capsys, monkeypatch):
+    from lorapipe.modeling import load_config
+    from lorapipe.runtime import resolve
+
+    monkeypatch.chdir(project)
+    p = load_params("params.yaml")
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "weights.bin").write_bytes(b"1")
+    cert = certify(folder, folder, resolve(p, load_config(p)), {"loss": 1.0})
+    assert (cert["stage"], cert["inputs"], cert["metrics"]) == (None, None, {"loss": 1.0})
+    assert set(cert["files"]) == {"README.md", "weights.bin"}
+    assert "Written outside a dvc.yaml stage" in (folder / "README.md").read_text()
+    code, out = verify(folder, capsys)
+    assert code == 1 and "inputs: not recorded" in out, out
+
+
+def test_verify_outside_a_project_is_one_line(project, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out = verify(project / "models/adapter", capsys)
+    assert code == 2 and out.startswith("error: verify: no dvc.yaml in "), out
 
 
 def test_dirty_means_an_input_changed_not_an_output(tmp_path):
-    (tmp_path / "dvc.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "stages": {
-                    "s": {
-                        "cmd": "x",
-                        "outs": ["models/a"],
-                        "metrics": [{"m.json": {"cache": False}}],
-                    }
-                }
-            }
-        )
-    )
+    stage = {"cmd": "x", "outs": ["models/a"], "metrics": [{"m.json": {"cache": False}}]}
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"s": stage}}))
     for name in ("code.py", "m.json", "dvc.lock", "models/a/f"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("1")
-    _git(tmp_path, "init", "-q")
-    _git(tmp_path, "add", "-A")
-    _git(tmp_path, "commit", "-qm", "c")
+    git(tmp_path, "init", "-q")
+    git(tmp_path, "add", "-A")
+    git(tmp_path, "commit", "-qm", "c")
     for name in ("m.json", "dvc.lock", "models/a/f"):  # what DVC rewrites or deletes
         (tmp_path / name).write_text("2")
     assert git_state(tmp_path)["dirty"] is False
     (tmp_path / "code.py").write_text("2")
-    assert git_state(tmp_path) | {"commit": None} == {
-        "commit": None,
+    assert git_state(tmp_path) | {"commit": ""} == {
+        "commit": "",
         "dirty": True,
         "changed": ["code.py"],
     }
 
 
 def test_no_git_is_unknown_not_a_crash(tmp_path, monkeypatch):
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
     assert git_state(tmp_path) == {"commit": "unknown", "dirty": "unknown"}  # not a repository
     monkeypatch.setenv("PATH", str(tmp_path))  # no git binary
     assert git_state(ROOT) == {"commit": "unknown", "dirty": "unknown"}
@@ -273,19 +287,24 @@ def test_certificates_equal_dvc_lock_in_repro_and_a_temp_experiment(tiny_bert, t
         assert cert["inputs"] == lock_inputs(lock[stage]), folder
     lorapipe = str(Path(sys.executable).parent / "lorapipe")
     assert run([lorapipe, "verify", "models/merged"], cwd=path).stdout.count(": ok") == 6
-    _git(path, "add", "-A")
-    _git(path, "commit", "-qm", "repro")
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True)
+    git(path, "add", "-A")
+    git(path, "commit", "-qm", "repro")
+    head = git(path, "rev-parse", "HEAD")
     # In a copy under .dvc/tmp/exps with its own git: HEAD is the baseline, -S left uncommitted.
-    dvc("exp", "run", "--temp", "-n", "r4", "-S", "lora.r=4", "merge", cwd=path)
-    dvc("exp", "apply", "r4", cwd=path)
-    lock = yaml.safe_load((path / "dvc.lock").read_text())["stages"]
-    cert = json.loads((path / "models/adapter" / CERTIFICATE).read_text())
-    assert cert["inputs"] == lock_inputs(lock["train"])
+    dvc("exp", "run", "--temp", "-n", "r4", "-S", "lora.r=4", "train", cwd=path)
+    ref = git(path, "for-each-ref", "--format=%(refname)", "refs/exps").split()
+    assert len(ref) == 1 and ref[0].endswith("/r4")
+    lock = yaml.safe_load(git(path, "show", f"{ref[0]}:dvc.lock"))
+    cache = path / ".dvc/cache/files/md5"
+    out = next(o for o in lock["stages"]["train"]["outs"] if o["path"] == "models/adapter")
+    listing = json.loads((cache / out["md5"][:2] / out["md5"][2:]).read_text())
+    entry = next(e for e in listing if e["relpath"] == CERTIFICATE)
+    cert = json.loads((cache / entry["md5"][:2] / entry["md5"][2:]).read_text())
+    assert cert["inputs"] == lock_inputs(lock["stages"]["train"])
     assert cert["inputs"]["params"]["params.yaml"]["lora.r"] == 4
     assert cert["git"] == {
-        "commit": head.stdout.strip(),
+        "commit": head,
         "dirty": True,
         "changed": ["params.yaml"],
-        "experiment": {"name": "r4", "baseline": head.stdout.strip()},
+        "experiment": {"name": "r4", "baseline": head},
     }

@@ -29,25 +29,16 @@ CERTIFICATE = "certificate.json"
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "dvc")
 # The x86 extensions that pick different torch / oneDNN / bitsandbytes kernels.
 KERNEL_FLAGS = (
-    "avx2",
-    "fma",
-    "f16c",
-    "avx512f",
-    "avx512bw",
-    "avx512_vnni",
-    "avx512_bf16",
-    "avx512_fp16",
-    "avx_vnni",
-    "amx_tile",
-    "amx_bf16",
-    "amx_int8",
-)
+    "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+    "avx_vnni", "amx_tile", "amx_bf16", "amx_int8",
+)  # fmt: skip
 # What makes two machines compute differently, per accelerator.
 MACHINE_KEYS = {
     "cpu": ("accelerator", "cpu", "cpu_flags"),
     "cuda": ("accelerator", "gpu", "count", "capability"),
 }
 UNKNOWN = "unknown"
+REQUIRED = {"stage", "git", "inputs", "versions", "machine", "files"}
 
 
 def md5(path: Path) -> str:
@@ -200,9 +191,7 @@ def collect(
     """The certificate of the artifact about to be written at `out` (its files not yet listed)."""
     stage = stage_of(out, root)
     return {
-        "artifact": Path(os.path.relpath(out.resolve(), root.resolve())).as_posix()
-        if stage
-        else str(out),
+        "artifact": out.as_posix(),
         "stage": stage,
         "git": git_state(root),
         "inputs": stage_inputs(stage, root) if stage else None,
@@ -230,14 +219,19 @@ def _load(folder: Path) -> dict[str, Any]:
         raise UserError(f"verify: {folder} is not a folder")
     try:
         cert = read_json(folder / CERTIFICATE)
-        assert isinstance(cert, dict) and isinstance(cert["files"], dict)
-        return cert
     except FileNotFoundError:
         raise UserError(
             f"verify: {folder} has no {CERTIFICATE}: not a certified artifact"
         ) from None
-    except (ValueError, AssertionError, KeyError, TypeError):
-        raise UserError(f"verify: {folder / CERTIFICATE} is not a readable certificate") from None
+    except ValueError:
+        cert = None
+    if (
+        not isinstance(cert, dict)
+        or not set(cert) >= REQUIRED
+        or not isinstance(cert["files"], dict)
+    ):
+        raise UserError(f"verify: {folder / CERTIFICATE} is not a readable certificate")
+    return cert
 
 
 def _corrupt(folder: Path, files: dict[str, str]) -> list[str]:
@@ -289,17 +283,17 @@ def _compare(cert: dict[str, Any], root: Path) -> dict[str, list[str]]:
 def verify(folder: Path, root: Path = Path(".")) -> tuple[int, list[str]]:
     """(exit code, report lines): 0 all matches, 1 inputs differ from the checkout at `root`,
     2 the folder is corrupt. A missing or unreadable certificate raises UserError (exit 2)."""
+    if not (root / "dvc.yaml").is_file():
+        raise UserError(f"verify: no dvc.yaml in {root.resolve()}; run it in the project checkout")
     cert = _load(folder)
-    git = cert.get("git", {})
-    lines = [
-        f"{folder}: stage {cert.get('stage')}, commit {git.get('commit', UNKNOWN)}"
-        f"{' (dirty)' if git.get('dirty') is True else ''}"
-    ]
+    git = cert["git"]
+    dirty = " (dirty)" if git.get("dirty") is True else ""
+    lines = [f"{folder}: stage {cert['stage']}, commit {git.get('commit', UNKNOWN)}{dirty}"]
     corrupt = _corrupt(folder, cert["files"])
     if corrupt:
         return 2, [*lines, f"files: corrupt: {', '.join(corrupt)}"]
     lines.append(f"files: ok ({len(cert['files'])} files)")
-    if not cert.get("stage") or not cert.get("inputs"):
+    if not cert["stage"] or not cert["inputs"]:
         return 1, [*lines, "inputs: not recorded (written outside a dvc.yaml stage): cannot check"]
     if cert["stage"] not in _stages(root):
         return 1, [*lines, f"code: dvc.yaml here has no stage {cert['stage']}"]
