@@ -17,6 +17,13 @@ MFU convention: 4·N FLOPs per token (forward 2N + backward 2N for activation gr
 the base being frozen), N the base's parameters; LoRA's and attention's FLOPs and recomputation
 are not counted; the denominator is runtime.GPUS' dense bf16 peak. Timed from the end of the
 warm-up steps to the end of the last step, each end after a host sync.
+
+Each side process sees one GPU (CUDA_VISIBLE_DEVICES: the first visible one): a single process
+that saw eight would train under nn.DataParallel over all of them (Trainer's n_gpu).
+
+--gpu-device cpu: the same cells, sides and rows on the CPU (the GPU hidden from the sides), on
+tiny random models of the same two architectures (bench/gpu_side.py TINY), seq 32 and 64, a
+few steps: the section end to end; its figures are a smoke test and judge no target.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +50,12 @@ NO_CUDA = "no CUDA device: the gpu section needs one (nothing was run)"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("gpu section")
     g.add_argument("--gpu-models", nargs="+", choices=list(MODELS), default=list(MODELS))
-    g.add_argument("--gpu-seqs", nargs="+", type=int, default=[512, 2048])
+    g.add_argument("--gpu-device", choices=["cuda", "cpu"], default="cuda", help="cpu: tiny")
+    g.add_argument("--gpu-seqs", nargs="+", type=int, help="512 2048 (cpu: 32 64)")
     g.add_argument("--gpu-quant", nargs="+", choices=["none", "4"], default=["none", "4"])
-    g.add_argument("--gpu-steps", type=int, help="timed steps per side (20; quick 3)")
-    g.add_argument("--gpu-warmup", type=int, default=3, help="untimed steps first")
-    g.add_argument("--gpu-tokens-per-step", type=int, default=16384, help="batch = this / seq")
+    g.add_argument("--gpu-steps", type=int, help="timed steps per side (20; quick 3; cpu 2)")
+    g.add_argument("--gpu-warmup", type=int, help="untimed steps first (3; cpu 1)")
+    g.add_argument("--gpu-tokens-per-step", type=int, help="batch = this / seq (16384; cpu 128)")
     g.add_argument("--gpu-no-checkpointing", action="store_true", help="both sides: off")
     g.add_argument("--liger", action="store_true", help="both sides: use_liger_kernel")
     g.add_argument("--compile", action="store_true", help="both sides: torch_compile")
@@ -88,28 +97,48 @@ def summarize(cells: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def sizes(args: argparse.Namespace) -> dict[str, Any]:
+    """The cells' sizes: the flags given, else the GPU's defaults, or the CPU mode's."""
+    cpu = args.gpu_device == "cpu"
+    defaults = {
+        "seqs": [32, 64] if cpu else [512, 2048],
+        "steps": 2 if cpu else 3 if args.quick else 20,
+        "warmup": 1 if cpu else 3,
+        "tokens_per_step": 128 if cpu else 16384,
+    }
+    given = {
+        "seqs": args.gpu_seqs,
+        "steps": args.gpu_steps,
+        "warmup": args.gpu_warmup,
+        "tokens_per_step": args.gpu_tokens_per_step,
+    }
+    return {k: defaults[k] if given[k] is None else given[k] for k in defaults}
+
+
 def run(args: argparse.Namespace, p: Params) -> dict[str, Any]:
     machine = detect()
-    if machine.accelerator != "cuda":
+    device = args.gpu_device
+    if device == "cuda" and machine.accelerator != "cuda":
         return {"skipped": NO_CUDA}
-    steps = args.gpu_steps or (3 if args.quick else 20)
+    size = sizes(args)
     cells = []
     with tempfile.TemporaryDirectory(prefix="lorapipe-gpu-bench-") as tmp:
         for model in args.gpu_models:
             weights = Path(tmp) / model
-            side_process(["--materialize", MODELS[model], "--weights", str(weights)])
+            argv = ["--materialize", MODELS[model], "--weights", str(weights)]
+            side_process(argv + ["--tiny"] * (device == "cpu"), device)
             for quant in args.gpu_quant:
-                for seq in args.gpu_seqs:
+                for seq in size["seqs"]:
                     cell: dict[str, Any] = {"model": model, "quant": quant, "seq": seq}
                     for side in ("pipeline", "plain"):
                         out = Path(tmp) / f"{model}-{quant}-{seq}-{side}.json"
                         argv = ["--side", side, "--weights", str(weights), "--quant", quant]
-                        argv += ["--seq", str(seq), "--steps", str(steps), "--out", str(out)]
-                        argv += ["--warmup", str(args.gpu_warmup)]
-                        argv += ["--tokens-per-step", str(args.gpu_tokens_per_step)]
+                        argv += ["--seq", str(seq), "--steps", str(size["steps"])]
+                        argv += ["--out", str(out), "--warmup", str(size["warmup"])]
+                        argv += ["--tokens-per-step", str(size["tokens_per_step"])]
                         argv += ["--no-checkpointing"] * args.gpu_no_checkpointing
                         argv += ["--liger"] * args.liger + ["--compile"] * args.compile
-                        error = side_process(argv, check=False)
+                        error = side_process(argv, device, check=False)
                         cell[side] = {"error": error} if error else json.loads(out.read_text())
                     if "tokens_per_s" in cell["pipeline"] and "tokens_per_s" in cell["plain"]:
                         ratio = cell["pipeline"]["tokens_per_s"] / cell["plain"]["tokens_per_s"]
@@ -118,21 +147,36 @@ def run(args: argparse.Namespace, p: Params) -> dict[str, Any]:
             for f in weights.iterdir():  # 6-16 GB per model: gone before the next one
                 f.unlink()
     return {
-        "device": machine.name,
-        "peak_tflops": machine.peak_tflops,
+        "device": machine.name if device == "cuda" else "cpu, tiny models",
+        "peak_tflops": machine.peak_tflops if device == "cuda" else None,
         "mfu_convention": "4·N·tokens/s / peak (frozen base: forward 2N + backward 2N)",
         "switches": {"liger": args.liger, "compile": args.compile},
         "gradient_checkpointing": not args.gpu_no_checkpointing,
         "cells": cells,
-        "summary": summarize(cells),
+        # The targets are a GPU's: a CPU smoke run of tiny models judges none.
+        "summary": summarize(cells if device == "cuda" else []),
     }
 
 
-def side_process(argv: list[str], check: bool = True) -> str | None:
-    """Run `python -m bench.gpu_side ARGV`; the last stderr line if it failed."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "src")])}
+def side_env(device: str, environ: Mapping[str, str]) -> dict[str, str]:
+    """A side's environment: bench and lorapipe importable, and the one device it may use.
+
+    cuda: the first GPU this process sees (a side that saw eight would train under
+    nn.DataParallel over all of them: Trainer's n_gpu). cpu: none, so torch reports no CUDA."""
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    first = visible.split(",")[0] if visible else "0"
+    return {
+        **environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "src")]),
+        "CUDA_VISIBLE_DEVICES": first if device == "cuda" else "",
+    }
+
+
+def side_process(argv: list[str], device: str, check: bool = True) -> str | None:
+    """Run `python -m bench.gpu_side ARGV` on one device; the last stderr line if it failed."""
+    env = side_env(device, os.environ)
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.gpu_side", *argv],
+        [sys.executable, "-m", "bench.gpu_side", *argv, "--device", device],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -160,8 +204,8 @@ def lines(section: dict[str, Any]) -> list[str]:
                 c.get("speedup", ""),
             )
         )
-        out.append(row_text("  MFU", pipe.get("mfu", ""), plain.get("mfu", "")))
-        out.append(
-            row_text("  peak GB", pipe.get("peak_memory_gb", ""), plain.get("peak_memory_gb", ""))
-        )
+        for key, name in (("mfu", "  MFU"), ("peak_memory_gb", "  peak GB")):
+            # None, or absent from a side that ran: a CPU has no peak TFLOP/s and no GPU memory
+            cells = [s.get(key) if "error" not in s else "" for s in (pipe, plain)]
+            out.append(row_text(name, *("-" if v is None else v for v in cells)))
     return out

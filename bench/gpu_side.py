@@ -1,7 +1,9 @@
 """One side of one gpu-section cell, in its own process (see bench/gpu.py).
 
-python -m bench.gpu_side --materialize Qwen/Qwen2.5-3B --weights DIR
+python -m bench.gpu_side --materialize Qwen/Qwen2.5-3B --weights DIR [--tiny]
 python -m bench.gpu_side --side pipeline|plain --weights DIR --quant none|4 --seq N ...
+
+Both refuse without CUDA unless given --device cpu (the section's CPU mode, on --tiny weights).
 """
 
 from __future__ import annotations
@@ -23,14 +25,31 @@ from lorapipe import plan
 from lorapipe.modeling import load_config
 from lorapipe.runtime import Runtime, detect, peak_memory_gb, resolve
 
+# --tiny: the shipped architecture (its attention, MLP, RoPE and tying) at 2 layers of width 64
+# and a 1,024-token vocabulary (ids 0 and 1: the tokenizer's <unk> and <eos>): seconds on a CPU.
+TINY = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "vocab_size": 1024,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+}
 
-def materialize(name: str, out: Path) -> None:
+
+def materialize(name: str, out: Path, tiny: bool = False) -> None:
     """The architecture from the shipped config, random bf16 weights, a two-token tokenizer:
     from_pretrained then takes the same path as for a downloaded model."""
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
     config = plan.load_model_config(name)
+    if tiny:
+        shape = {k: v for k, v in config.to_dict().items() if k != "layer_types"} | TINY
+        config = type(config).from_dict(shape)  # layer_types rebuilt for the new depth
     with torch.device(detect().accelerator):  # random init on the GPU: seconds, not minutes
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(out)
@@ -175,6 +194,8 @@ def plain_side(p: Any, rt: Runtime, data: datasets.Dataset, window: Any, switche
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--materialize", help="a shipped config's model name")
+    parser.add_argument("--tiny", action="store_true", help="--materialize: 2 layers, width 64")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--side", choices=["pipeline", "plain"])
     parser.add_argument("--weights", type=Path, required=True)
     parser.add_argument("--quant", choices=["none", "4"], default="none")
@@ -217,10 +238,11 @@ def measure(a: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     a = parse()
-    if detect().accelerator != "cuda":
-        raise SystemExit(f"bench.gpu_side: {NO_CUDA}")
+    if a.device != detect().accelerator:
+        why = NO_CUDA if a.device == "cuda" else "--device cpu, but CUDA_VISIBLE_DEVICES is not ''"
+        raise SystemExit(f"bench.gpu_side: {why}")
     if a.materialize:
-        materialize(a.materialize, a.weights)
+        materialize(a.materialize, a.weights, a.tiny)
         return
     a.out.write_text(json.dumps(measure(a), indent=2) + "\n", encoding="utf-8")
 

