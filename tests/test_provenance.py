@@ -246,6 +246,24 @@ def test_verify_outside_a_project_is_one_line(project, tmp_path, capsys, monkeyp
     assert code == 2 and out.startswith("error: verify: no dvc.yaml in "), out
 
 
+def test_a_gpu_machine_records_name_count_and_capability(project, monkeypatch):
+    import torch
+
+    from lorapipe.card import provenance_section
+    from lorapipe.provenance import machine
+    from lorapipe.runtime import describe
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (9, 0))
+    m = machine(describe("h100x8"))
+    assert (m["accelerator"], m["gpu"], m["count"], m["capability"]) == (
+        "cuda", "NVIDIA H100 80GB HBM3", 8, "9.0",
+    )  # fmt: skip
+    cert = json.loads((project / "models/adapter" / CERTIFICATE).read_text())
+    card = provenance_section(cert | {"machine": m})
+    assert "- machine: NVIDIA H100 80GB HBM3 ×8, compute capability 9.0\n" in card
+
+
 def test_dirty_means_an_input_changed_not_an_output(tmp_path):
     stage = {"cmd": "x", "outs": ["models/a"], "metrics": [{"m.json": {"cache": False}}]}
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"s": stage}}))

@@ -23,7 +23,7 @@ import yaml
 from lorapipe.card import provenance_section
 from lorapipe.config import UserError
 from lorapipe.io import read_json, write_json
-from lorapipe.runtime import Machine, Runtime
+from lorapipe.runtime import Machine, Runtime, detect
 
 CERTIFICATE = "certificate.json"
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "dvc")
@@ -57,11 +57,9 @@ def file_hashes(folder: Path) -> dict[str, str]:
 
 def _stages(root: Path) -> dict[str, Any]:
     path = root / "dvc.yaml"
-    return (
-        (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("stages", {})
-        if path.is_file()
-        else {}
-    )
+    if not path.is_file():
+        return {}
+    return (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("stages", {})
 
 
 def _outputs(stage: dict[str, Any]) -> list[str]:
@@ -225,11 +223,8 @@ def _load(folder: Path) -> dict[str, Any]:
         ) from None
     except ValueError:
         cert = None
-    if (
-        not isinstance(cert, dict)
-        or not set(cert) >= REQUIRED
-        or not isinstance(cert["files"], dict)
-    ):
+    sound = isinstance(cert, dict) and cert.keys() >= REQUIRED
+    if not sound or not isinstance(cert["files"], dict):
         raise UserError(f"verify: {folder / CERTIFICATE} is not a readable certificate")
     return cert
 
@@ -249,8 +244,6 @@ def _is_code(path: str) -> bool:
 
 def _compare(cert: dict[str, Any], root: Path) -> dict[str, list[str]]:
     """What differs between the certificate and the checkout, by kind of input."""
-    from lorapipe.runtime import detect
-
     diff: dict[str, list[str]] = {k: [] for k in ("code", "data", "params", "versions", "machine")}
     was, now = cert["inputs"], stage_inputs(cert["stage"], root)
     for path in sorted(set(was["deps"]) | set(now["deps"])):
