@@ -82,17 +82,140 @@ def test_pack_places_whole_documents_best_fit():
     assert sorted(seen) == [1, 2, 3, 4, 5, 6]
 
 
-def test_packed_collator_pads_without_a_mask():
-    rows = [
-        {"input_ids": [5, 6, 7], "labels": [IGNORE, 6, 7], "position_ids": [0, 1, 0]},
-        {"input_ids": [8], "labels": [IGNORE], "position_ids": [0]},
-    ]
-    batch = PackedCollator(pad_token_id=0)(rows)
+ROWS = [  # two packed blocks; the second row's own first label is not IGNORE (as bench rows)
+    {"input_ids": [5, 6, 7, 9], "labels": [IGNORE, 6, 7, 9], "position_ids": [0, 1, 0, 1]},
+    {"input_ids": [8, 4, 3], "labels": [8, 4, 3], "position_ids": [0, 1, 2]},
+]
+
+
+def test_packed_collator_flattens_the_batch_into_one_row():
+    batch = PackedCollator()(ROWS)
     assert "attention_mask" not in batch
-    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
-    assert batch["labels"].tolist() == [[IGNORE, 6, 7], [IGNORE, IGNORE, IGNORE]]
-    assert batch["position_ids"].tolist() == [[0, 1, 0], [0, 0, 1]]
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 9, 8, 4, 3]]
+    assert batch["position_ids"].tolist() == [[0, 1, 0, 1, 0, 1, 2]]
+    # no target across a document or block boundary: each document's first label is IGNORE
+    assert batch["labels"].tolist() == [[IGNORE, 6, IGNORE, 9, IGNORE, 4, 3]]
+    # Trainer's num_items_in_batch (labels[..., 1:] != IGNORE) counts what the rows alone score
+    assert int((batch["labels"][..., 1:] != IGNORE).sum()) == 4
     assert model_inputs(batch, "cpu")["use_cache"] is False
+    # flash-attention's varlen contract: a batch of ONE row whose positions restart
+    # (flash_attn itself cannot run here; the predicate needs only torch)
+    from transformers.modeling_flash_attention_utils import (
+        _is_packed_sequence,
+        prepare_fa_kwargs_from_position_ids,
+    )
+
+    assert _is_packed_sequence(batch["position_ids"], batch["input_ids"].shape[0])
+    (cu_seqlens, _), (longest, _) = prepare_fa_kwargs_from_position_ids(batch["position_ids"])
+    assert cu_seqlens.tolist() == [0, 2, 4, 7] and int(longest) == 3
+    with pytest.raises(ValueError, match="one flattened row"):  # flash would mix its documents
+        model_inputs({"position_ids": torch.zeros(2, 3, dtype=torch.long)}, "cpu")
+
+
+def _per_row(rows, pad_token_id=0):
+    """The former layout: a row per block, padded by a padding document of its own."""
+    width = max(len(r["input_ids"]) for r in rows)
+    out = {"input_ids": [], "labels": [], "position_ids": []}
+    for r in rows:
+        gap = width - len(r["input_ids"])
+        out["input_ids"].append([*r["input_ids"], *[pad_token_id] * gap])
+        out["labels"].append([*r["labels"], *[IGNORE] * gap])
+        out["position_ids"].append([*r["position_ids"], *range(gap)])
+    return {k: torch.tensor(v) for k, v in out.items()}
+
+
+def _forward_rows(model, batch, **kw):
+    """The former forward: rows with position_ids, no mask, no cache (sdpa/eager mask them)."""
+    ids, positions = batch["input_ids"], batch["position_ids"]
+    return model(input_ids=ids, position_ids=positions, use_cache=False, **kw)
+
+
+def _tiny(kind, attn):
+    """A 2-layer random Llama or Qwen2 in float64 (rounding far below the tolerances)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    config_cls, model_cls = {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    }[kind]
+    config = config_cls(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        attn_implementation=attn,
+    )
+    torch.manual_seed(0)
+    return model_cls(config).to(torch.float64).eval()
+
+
+def _random_blocks(n_blocks=5, size=16, seed=1):
+    """Packed blocks of random documents, of uneven lengths (the last rows need padding)."""
+    g = torch.Generator().manual_seed(seed)
+    docs = []
+    for _ in range(n_blocks * 2):
+        ids = torch.randint(1, 64, (int(torch.randint(2, size // 2 + 1, (1,), generator=g)),))
+        docs.append((ids.tolist(), ids.tolist()))
+    blocks = pack(docs, size)
+    return [dict(zip(blocks, values, strict=True)) for values in zip(*blocks.values(), strict=True)]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@torch.no_grad()
+def test_flattened_batch_scores_as_the_rows_did(kind, attn):
+    """Same loss (the model's own, and with Trainer's num_items_in_batch) and the same
+    evaluate_model perplexity as the former per-row layout, which sdpa/eager already masked."""
+    model, rows = _tiny(kind, attn), _random_blocks()
+    flat, old = PackedCollator()(rows), _per_row(rows)
+    assert flat["input_ids"].shape == (1, sum(len(r["input_ids"]) for r in rows))
+    count = int((old["labels"][..., 1:] != IGNORE).sum())
+    assert int((flat["labels"][..., 1:] != IGNORE).sum()) == count
+    loss_flat = model(**model_inputs(flat, "cpu"), labels=flat["labels"]).loss
+    loss_old = _forward_rows(model, old, labels=old["labels"])
+    assert torch.isclose(loss_flat, loss_old.loss, rtol=1e-9)
+    summed = model(**model_inputs(flat, "cpu"), labels=flat["labels"], num_items_in_batch=count)
+    assert torch.isclose(summed.loss, loss_old.loss, rtol=1e-9)
+
+    task, data = get_task("causal_lm"), datasets.Dataset.from_list(rows)
+    got = evaluate_model(model, data, PackedCollator(), task, batch_size=2)
+    nll = 0.0
+    for r in rows:  # the former evaluation: each block a row of its own
+        one = _per_row([r])
+        logits = _forward_rows(model, one).logits
+        nll += task.score_batch(logits, one)["nll_sum"]
+    assert got["tokens"] == count
+    # score_batch takes its cross-entropy in float32: rounding of ~1e-7 relative
+    assert math.isclose(got["perplexity"], math.exp(nll / count), rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@torch.no_grad()
+def test_no_cross_talk_in_a_flattened_batch(kind, attn):
+    """Changing one document leaves every other document's logits in the row unchanged:
+    the one after it in its block, and the next block's, now in the same row."""
+    model, rows = _tiny(kind, attn), _random_blocks(n_blocks=2)
+    batch = PackedCollator()(rows)
+    starts = (batch["position_ids"][0] == 0).nonzero().view(-1).tolist()
+    assert len(starts) >= 3
+    first_end = starts[1]
+    perturbed = {**batch, "input_ids": batch["input_ids"].clone()}
+    perturbed["input_ids"][0, :first_end] = (perturbed["input_ids"][0, :first_end] + 7) % 64
+    logits = [model(**model_inputs(b, "cpu")).logits[0] for b in (batch, perturbed)]
+    assert (logits[1][first_end:] - logits[0][first_end:]).abs().max().item() <= 1e-12
+    assert (logits[1][:first_end] - logits[0][:first_end]).abs().max().item() > 1e-3
+    # The same row numbered straight through (no restarts) lets later documents see the first
+    # one: the check has teeth.
+    straight = torch.arange(batch["input_ids"].shape[1])[None]
+    leaked = [
+        model(input_ids=b["input_ids"], position_ids=straight, use_cache=False).logits[0]
+        for b in (batch, perturbed)
+    ]
+    assert (leaked[1][first_end:] - leaked[0][first_end:]).abs().max().item() > 1e-3
 
 
 def _logits_alone(model, ids):
@@ -111,7 +234,7 @@ def test_no_cross_talk_in_a_packed_block(model64, tok, tmp_path):
     b_start = row["position_ids"].index(0, 1)
     a_ids, b_ids = row["input_ids"][:b_start], row["input_ids"][b_start:]
     perturbed = {**row, "input_ids": [(t + 7) % len(tok) for t in a_ids] + b_ids}
-    collate = PackedCollator(tok.pad_token_id)
+    collate = PackedCollator()
     packed = [
         model64(**model_inputs(collate([r]), "cpu")).logits[0, b_start:] for r in (row, perturbed)
     ]

@@ -1,11 +1,15 @@
 """Packing without cross-talk: whole documents in blocks, positions restarting at each one.
 
-transformers turns restarting `position_ids` into a block-diagonal causal mask (sdpa, eager,
-flex), but only for a batch with no attention_mask and no KV cache
-(masking_utils.find_packed_sequence_indices): so packed batches carry position_ids and no mask,
-and every forward on them passes use_cache=False (`model_inputs`). Its flash-attention path
-reads packing from position_ids only in a batch of one flattened row (_is_packed_sequence);
-the pipeline loads sdpa.
+A packed batch is one flattened row (padding-free, as TRL's DataCollatorWithFlattening and
+Axolotl's multipack feed it): the batch's blocks end to end, `position_ids` restarting at 0 at
+each document, no attention_mask. Every attention implementation the runtime can pick reads
+document boundaries from that row alone: flash-attention only from a batch of ONE row
+(modeling_flash_attention_utils._is_packed_sequence, then flash_attn_varlen_func with
+cu_seqlens from the restarts); sdpa, eager and flex build a block-diagonal causal mask from
+restarting positions (masking_utils.find_packed_sequence_indices), but only with no
+attention_mask and no KV cache, so every forward on packed batches passes use_cache=False
+(`model_inputs`). A batch of several packed rows would run plain causal attention over each
+whole row under flash.
 """
 
 from __future__ import annotations
@@ -63,24 +67,27 @@ def pack(docs: list[tuple[list[int], list[int]]], size: int) -> dict[str, list[l
 
 @dataclass(frozen=True)
 class PackedCollator:
-    """Pads packed blocks to the batch's longest with a padding document of its own.
+    """Packed blocks flattened into one row of all their tokens: [1, sum of lengths].
 
-    No attention_mask on purpose (see the module docstring); the padding sits after every real
-    token, so causal attention never lets a real token see it, and its labels are IGNORE.
-    Hand-written: transformers' collators either add an attention_mask or flatten the batch.
+    B blocks of up to L tokens become one row of up to B·L: the same tokens per step as B rows,
+    with no padding at all. Every document's first label is IGNORE, whatever the row says, so
+    no loss crosses a document (or block) boundary: the targets, and their count
+    (Trainer's num_items_in_batch counts labels[..., 1:]), are exactly those of the rows run
+    one by one. Hand-written rather than transformers' DataCollatorWithFlattening: that one
+    numbers positions per row (a row is one sequence to it), not per document inside a block.
     """
 
-    pad_token_id: int
-
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        width = max(len(r["input_ids"]) for r in rows)
-        batch: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "position_ids": []}
+        ids, labels, positions = [], [], []
         for r in rows:
-            gap = width - len(r["input_ids"])
-            batch["input_ids"].append([*r["input_ids"], *[self.pad_token_id] * gap])
-            batch["labels"].append([*r["labels"], *[IGNORE] * gap])
-            batch["position_ids"].append([*r["position_ids"], *range(gap)])
-        return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+            ids += r["input_ids"]
+            positions += r["position_ids"]
+            labels += [
+                IGNORE if pos == 0 else lab
+                for lab, pos in zip(r["labels"], r["position_ids"], strict=True)
+            ]
+        batch = {"input_ids": ids, "labels": labels, "position_ids": positions}
+        return {k: torch.tensor([v], dtype=torch.long) for k, v in batch.items()}
 
 
 def model_inputs(batch: dict[str, torch.Tensor], device: Any) -> dict[str, Any]:
@@ -89,6 +96,8 @@ def model_inputs(batch: dict[str, torch.Tensor], device: Any) -> dict[str, Any]:
         k: v.to(device) for k, v in batch.items() if k not in ("labels", "length")
     }
     if "position_ids" in inputs and "attention_mask" not in inputs:
+        if inputs["position_ids"].shape[0] != 1:  # flash would attend across its documents
+            raise ValueError("a packed batch must be one flattened row (PackedCollator)")
         inputs["use_cache"] = False  # a KV cache would switch the packed-sequence mask off
     return inputs
 

@@ -173,7 +173,7 @@ class CausalLM:
 
     def collator(self, tok: PreTrainedTokenizerBase, p: Params) -> Any:
         if p.tokenize.layout == "pack":
-            return PackedCollator(tok.pad_token_id)
+            return PackedCollator()  # one flattened row: every attention sees the boundaries
         # `pad`: causal_lm pads every row to max_length, as hand-written scripts do; sft per batch.
         padding = "max_length" if self.name == "causal_lm" else True
         return DataCollatorForSeq2Seq(
