@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from lorapipe.config import Params, UserError, load_params
+from lorapipe.launch import launched
 
 RESUME = "run `dvc repro` again to resume"
 
@@ -101,9 +102,15 @@ def run(
     tracked_outs: Sequence[str] = (),
     interrupted: str = f"nothing was written; {RESUME}",
 ) -> None:
-    """Validate params, then `main(params)`; `tracked_outs` are restored if it fails."""
+    """Validate params, then `main(params)`; `tracked_outs` are restored if it fails.
+
+    A rank (or a launched child) restores nothing: the stage that launched it does, once every
+    child is gone, so no two processes delete and restore the same folder at once.
+    """
+    if launched():
+        tracked_outs = ()
     quiet_libraries()
-    signal.signal(signal.SIGTERM, _interrupt)  # `kill` cleans up as Ctrl-C does
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` cleans up as Ctrl-C does (and stops ranks)
     try:
         try:
             p = load_params(os.environ.get("LORAPIPE_PARAMS", params_file))
