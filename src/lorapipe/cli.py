@@ -1,4 +1,4 @@
-"""User commands: check, plan, recipe, predict, generate, compare, push, verify."""
+"""User commands: check, plan, recipe, predict, generate, compare, push, verify, search."""
 
 from __future__ import annotations
 
@@ -83,6 +83,18 @@ def cmd_push(args: argparse.Namespace) -> None:
     from lorapipe.hub import push
 
     print(json.dumps(push(load_params(args.params)), indent=2))
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    from lorapipe import search, searchrun
+
+    repo = Path(".")
+    spec = search.load_spec(Path(args.space), repo)  # every check before any trial
+    if not args.report:
+        print(f"study {spec.study}: {spec.trials} trials, {spec.objective} ({spec.direction})")
+        print(f"storage {spec.storage}")
+        searchrun.search(spec, repo, jobs=args.jobs, push=args.push)
+    print("\n".join(searchrun.report(spec, Path(args.out))))
 
 
 def cmd_verify(args: argparse.Namespace) -> None:
@@ -250,6 +262,13 @@ def parser() -> argparse.ArgumentParser:
     )
     cmp.add_argument("--metric", default="eval:accuracy", help="<metrics file stem>:<key>")
     cmp.add_argument("--out", help="also draw the metric and loss curves into this PNG")
+    sea = sub.add_parser("search", help="an Optuna study over params; each trial a DVC experiment")
+    sea.set_defaults(fn=cmd_search)
+    sea.add_argument("space", nargs="?", default="search.yaml", help="default search.yaml")
+    sea.add_argument("-j", "--jobs", type=int, default=1, help="parallel trials on this machine")
+    sea.add_argument("--push", metavar="REMOTE", help="dvc exp push each finished trial there")
+    sea.add_argument("--report", action="store_true", help="the best trial and plots, no trials")
+    sea.add_argument("--out", default="reports/search", help="plots folder (reports/search)")
     ver = sub.add_parser("verify", help="a model folder's certificate against this checkout")
     ver.set_defaults(fn=cmd_verify)
     ver.add_argument("folder", nargs="?", default="models/adapter", help="default models/adapter")
