@@ -1,16 +1,17 @@
 """The runtime resolver: the GPU's specification, tested on a CPU as a table."""
 
 import dataclasses
+import types
 
 import pytest
 import torch
 import yaml
 
-from lorapipe import plan
+from lorapipe import hardware, plan, runtime
 from lorapipe.callbacks import NonFiniteGuard
 from lorapipe.config import UserError, parse_params
 from lorapipe.recipes import list_recipes, recipe_params
-from lorapipe.runtime import Machine, describe, resolve
+from lorapipe.runtime import describe, resolve
 from tests.conftest import ROOT
 
 MACHINES = ["cpu", "t4", "a10g", "h100", "h100x8"]
@@ -159,20 +160,149 @@ def test_plan_reports_evaluation_memory_and_the_runtime(capsys):
     assert "unknown machine 'v100'" in capsys.readouterr().err
 
 
-def test_cpu_base_is_fp32_with_bf16_autocast_where_the_cpu_has_it():
-    plain = Machine("cpu", "cpu", 1, memory_gb=24, bf16=False)
-    native = dataclasses.replace(plain, bf16=True)  # AVX512-BF16 / AMX: the benchmark's choice
-    rt = resolve(params(), Config(), native)
-    assert (rt.base_dtype, rt.mixed_precision, rt.device, rt.device_map) == (
-        torch.float32,
-        "bf16",
-        "cpu",
-        None,
-    )
-    assert resolve(params(), Config(), plain).mixed_precision == "no"
-    # k-bit: fp32 compute and no autocast (bitsandbytes' bf16 CPU kernels are ~20x slower)
-    kbit = resolve(params(**{"quant.bits": 4}), Config(), native)
-    assert (kbit.compute_dtype, kbit.mixed_precision) == (torch.float32, "no")
+def test_cpu_autocast_follows_the_measurement_not_the_flags():
+    plain = describe("cpu")
+    assert resolve(params(), Config(), plain).mixed_precision == "no"  # planned: not measured
+    # (measured speedup, native bf16 flags) -> auto's autocast: the flags never decide
+    for speedup, flags, want in ((1.4, True, "bf16"), (0.58, True, "no"), (1.1, True, "no")):
+        speed = hardware.Bf16Speed(100.0, 100.0 * speedup, speedup, 0.2, "measured now")
+        native = dataclasses.replace(plain, bf16=flags, cpu_bf16=speed)
+        rt = resolve(params(), Config(), native)
+        assert (rt.base_dtype, rt.mixed_precision, rt.device, rt.device_map) == (
+            torch.float32,
+            want,
+            "cpu",
+            None,
+        ), speedup
+        assert f"measured bf16 {speedup:.2f}x fp32" in rt.reasons["mixed_precision"]
+        # k-bit: fp32 compute and no autocast (bitsandbytes' bf16 CPU kernels are ~20x slower)
+        kbit = resolve(params(**{"quant.bits": 4}), Config(), native)
+        assert (kbit.compute_dtype, kbit.mixed_precision) == (torch.float32, "no")
+
+
+def test_the_cpu_measurement_is_cached_per_machine(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv(hardware.ENV, raising=False)
+    calls = []
+    real = hardware.measure
+
+    def counted():
+        calls.append(1)
+        return real()
+
+    monkeypatch.setattr(hardware, "measure", counted)
+    first, second = hardware.bf16_speed(), hardware.bf16_speed()
+    assert len(calls) == 1 and first.source == "measured now"
+    assert second.source.startswith(f"cached in {tmp_path / 'lorapipe'}")
+    assert (second.speedup, second.fp32_gflops) == (first.speedup, first.fp32_gflops)
+    monkeypatch.setattr(hardware, "machine_key", lambda: "another CPU | torch 9")
+    hardware.bf16_speed()  # another CPU model, flags or torch: measured again
+    assert len(calls) == 2 and len(list((tmp_path / "lorapipe").glob("*.json"))) == 2
+    monkeypatch.setenv(hardware.ENV, "0.5")
+    assert (hardware.bf16_speed().speedup, len(calls)) == (0.5, 2)
+    monkeypatch.setenv(hardware.ENV, "fast")
+    with pytest.raises(UserError, match=hardware.ENV):
+        hardware.bf16_speed()
+
+
+def test_the_cpu_measurement_is_quick_and_leaves_the_process_as_it_was():
+    threads, rng = torch.get_num_threads(), torch.get_rng_state()
+    speed = hardware.measure()
+    assert speed.seconds < 1 and speed.fp32_gflops > 0 and speed.bf16_gflops > 0
+    assert speed.speedup == round(speed.bf16_gflops / speed.fp32_gflops, 2)
+    assert torch.get_num_threads() == threads and torch.equal(torch.get_rng_state(), rng)
+
+
+class FakeCuda:
+    """torch.cuda as a GPU machine answers it."""
+
+    def __init__(self, name, major, minor, count=1):
+        self.name, self.major, self.minor, self.count = name, major, minor, count
+
+    def is_available(self):
+        return True
+
+    def device_count(self):
+        return self.count
+
+    def get_device_properties(self, index):
+        return types.SimpleNamespace(
+            name=self.name, major=self.major, minor=self.minor, total_memory=16 * 2**30
+        )
+
+    def is_bf16_supported(self, including_emulation=True):  # torch's default: sm75 "has" it
+        return self.major >= 8 or including_emulation
+
+    def max_memory_allocated(self, device):
+        return 3e9
+
+    def max_memory_reserved(self, device):
+        return 4.5e9
+
+
+@pytest.mark.parametrize(
+    "name, capability, bf16, peak, source",
+    [
+        ("Tesla T4", (7, 5), False, 65, "datasheet"),
+        ("NVIDIA L40S", (8, 9), True, 362, "datasheet"),
+        ("NVIDIA GeForce RTX 4090", (8, 9), True, 165.2, "datasheet"),
+        ("NVIDIA RTX A6000", (8, 6), True, 154.8, "datasheet"),
+        ("NVIDIA H100 PCIe", (9, 0), True, 756, "datasheet"),
+        ("NVIDIA H100 80GB HBM3", (9, 0), True, 989, "datasheet"),
+        ("NVIDIA A100-SXM4-80GB", (8, 0), True, 312, "datasheet"),
+        ("NVIDIA Future GPU", (8, 9), True, 121, "guess from capability 8.9"),
+    ],
+)
+def test_detect_reads_the_gpu_by_name(monkeypatch, name, capability, bf16, peak, source):
+    monkeypatch.setattr(runtime.torch, "cuda", FakeCuda(name, *capability))
+    m = runtime.detect()
+    assert (m.accelerator, m.bf16, m.tf32, m.peak_tflops) == ("cuda", bf16, bf16, peak)
+    assert m.peak_source.startswith(source)
+    mixed = resolve(params(), Config(), m).mixed_precision
+    assert mixed == ("bf16" if bf16 else "fp16")  # a T4 never gets bf16
+    timing = runtime.throughput(resolve(params(), Config(), m), Rows(), 10, 2.0, 10**6)
+    assert timing["peak_source"] == m.peak_source and timing["peak_tflops"] == peak
+    assert (timing["peak_memory_gb_per_device"], timing["peak_reserved_gb_per_device"]) == (3, 4.5)
+
+
+class Rows:
+    """A tokenized set of 4 rows, as throughput() reads it."""
+
+    def __init__(self):
+        self.data = {"length": [10, 20, 30, 40]}
+
+    def __getitem__(self, key):
+        return self.data[key]
+
+    def __len__(self):
+        return 4
+
+
+def test_merge_attention_is_flash_only_for_16_bit_weights_on_the_gpu():
+    flash = dataclasses.replace(describe("h100"), flash_attention=True)
+    rt = resolve(params(), Config(), flash)
+    assert rt.attn_implementation == "flash_attention_2"
+    bf16 = runtime.merge_runtime(rt, torch.bfloat16, 1e9)
+    assert bf16.attn_implementation == "flash_attention_2"
+    fp32 = runtime.merge_runtime(rt, torch.float32, 1e9)  # flash-attn has no fp32 kernels
+    assert (fp32.base_dtype, fp32.attn_implementation) == (torch.float32, "sdpa")
+    assert "fp16/bf16 only" in fp32.reasons["attn_implementation"]
+    on_cpu = runtime.merge_runtime(rt, torch.bfloat16, 100e9)  # over half the GPU: on the CPU
+    assert (on_cpu.device, on_cpu.attn_implementation) == ("cpu", "sdpa")
+
+
+@pytest.mark.parametrize("name", ["h100x9000", "h100x0", "h100x17", "cpux2"])
+def test_machine_counts_are_bounded(name):
+    with pytest.raises(UserError, match=rf"--machine: {name} asks for \d+ devices"):
+        describe(name)
+
+
+def test_every_choice_has_a_reason():
+    rt = resolve(params(), Config(), describe("a10g"))
+    choices = {"device", "device_map", "base_dtype", "mixed_precision", "attn_implementation"}
+    assert choices | {"optim", "tf32", "eval_batch_size"} <= set(rt.reasons)
+    assert all(rt.reasons.values())
+    assert rt.reasons["attn_implementation"] == "planning assumes the default install"
 
 
 def test_the_nan_guard_never_reads_the_loss_on_the_host_per_micro_step():
