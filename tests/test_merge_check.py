@@ -2,6 +2,7 @@
 
 import errno
 import json
+import math
 import re
 import subprocess
 
@@ -237,22 +238,35 @@ def test_the_probe_is_the_first_probe_size_eval_rows(trained, tiny_bert, tmp_pat
     assert run_merge(params(tiny_bert, probe_size=99), trained, tmp_path)["probe_rows"] == 12
 
 
-def test_a_causal_lm_merge_is_checked_on_its_own_collated_probe(tiny_llama, tmp_path):
+@pytest.mark.parametrize("perplexity", ["blocks", "sliding_window"])
+def test_a_causal_lm_merge_is_checked_on_its_own_collated_probe(tiny_llama, tmp_path, perplexity):
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["task"], raw["model"]["name"] = "causal_lm", str(tiny_llama)
     raw["data"]["text_field"] = "text"
     raw["tokenize"].update(layout="pad", max_length=16)
     raw["lora"].update(dropout=0.0, target_modules=["q_proj", "v_proj"])
+    raw["evaluate"]["perplexity"] = perplexity
     p = parse_params(raw)
-    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    task, tok = get_task("causal_lm"), AutoTokenizer.from_pretrained(tiny_llama)
     rows = datasets.Dataset.from_dict({"text": SENTENCES})
-    eval_rows = get_task("causal_lm").tokenize(rows, tok, p, "data.eval")
-    datasets.DatasetDict({"eval": eval_rows}).save_to_disk(str(tmp_path / "tokenized"))
+    splits = {"eval": task.tokenize(rows, tok, p, "data.eval")}
+    if perplexity == "sliding_window":
+        splits["eval_stream"] = task.stream(rows, tok, p, "data.eval")
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "tokenized"))
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama), lora_config(p))
     save_as_trained(model, p, tmp_path, 1.0, {})
     result = run_merge(p, tmp_path, tmp_path / "out")
     assert result["passed"] and result["max_abs_logit_diff"] < 1e-5
+    assert result["effect_share"] < 1e-4  # fp32 rounding over a visible effect
     assert "AutoModelForCausalLM" in (tmp_path / "out" / "merged" / "README.md").read_text()
+    # The merged model scored as evaluate scores: every target token once, of the same set.
+    merged = result["merged"]
+    if perplexity == "blocks":
+        targets = sum(sum(x != IGNORE for x in labels[1:]) for labels in splits["eval"]["labels"])
+    else:  # one stream: every token but the first
+        targets = sum(len(x) for x in splits["eval_stream"]["input_ids"]) - 1
+    assert merged["metric"] == "perplexity" and merged["tokens"] == targets
+    assert merged["perplexity"] == pytest.approx(math.exp(merged["loss"]))
 
 
 def test_the_report_says_what_was_compared_and_each_phase_is_announced(
