@@ -208,3 +208,27 @@ def test_plan_of_the_packaged_default_matches_what_training_counts():
     model = load_for_training(p, resolve(p, config), load_tokenizer(p))
     trained = model.get_nb_trainable_parameters()  # what train() reports
     assert (counts["trainable"], counts["all"]) == trained == (74_498, 22_788_484)
+
+
+def test_plan_says_why_each_runtime_choice_was_made(capsys) -> None:
+    from lorapipe.cli import main
+
+    main(["plan", "--recipe", "wikitext2-qwen-qlora", "--machine", "t4"])
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
+    for choice in ("device", "device_map", "base_dtype", "mixed_precision", "attn_implementation"):
+        assert "← " in rows[choice], choice
+    assert "fp16 autocast over a k-bit base overflows" in rows["mixed_precision"]
+    assert "planning assumes the default install" in rows["attn_implementation"]
+
+
+@pytest.mark.parametrize("machine", ["h100x9000", "a10gx0"])
+def test_plan_refuses_an_impossible_device_count_in_one_line(capsys, machine) -> None:
+    from lorapipe.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["plan", "--recipe", "wikitext2-qwen-qlora", "--machine", machine])
+    assert info.value.code != 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.strip().splitlines()) == 1
+    assert f"--machine: {machine} asks for" in captured.err and len(captured.err) < 200

@@ -246,6 +246,7 @@ def format_machine_plan(plan: dict) -> str:
     b, k, d = plan["batch"]
     keys = (
         "device",
+        "device_map",
         "base_dtype",
         "compute_dtype",
         "mixed_precision",
@@ -256,8 +257,9 @@ def format_machine_plan(plan: dict) -> str:
         "tf32",
         "eval_batch_size",
     )
+    why = rt.get("reasons", {})
     lines = [f"Runtime on {rt['machine']} ({d} process(es), devices {rt['rank_devices']}):"]
-    lines += [f"  {key:<30} {rt[key]}" for key in keys]
+    lines += [f"  {key:<30} {rt[key]}" + (f"  ← {why[key]}" if key in why else "") for key in keys]
     lines += [
         f"Peak per device: training {plan['train_memory']['total'] / GIB:.2f} GiB, "
         f"evaluation {plan['eval_memory']['total'] / GIB:.2f} GiB "
