@@ -29,8 +29,9 @@ from bench.harness import (
     sst2_subset,
 )
 from lorapipe.config import Params
+from lorapipe.hardware import measure
 from lorapipe.modeling import load_tokenizer
-from lorapipe.runtime import autocast, detect
+from lorapipe.runtime import autocast, detect, resolve
 
 PAYS = 1.10  # bf16 / fp32 samples/s, at least
 MAX_DROP_POINTS = 0.5  # dev accuracy, at most this far below fp32
@@ -65,12 +66,26 @@ def decide(fp32: dict[str, Any], bf16: dict[str, Any], majority: float = 0.5) ->
     return out
 
 
+def runtime_choice(p: Params) -> dict[str, Any]:
+    """What `train.mixed_precision: auto` resolves to here (from the runtime's cached
+    measurement), beside the same micro-benchmark run again now."""
+    auto = p.model_copy(update={"train": p.train.model_copy(update={"mixed_precision": "auto"})})
+    rt = resolve(auto, None, detect())
+    return {
+        "runtime_auto": rt.mixed_precision,
+        "runtime_reason": rt.reasons["mixed_precision"],
+        "micro_benchmark_now": {k: v for k, v in vars(measure()).items() if k != "source"},
+    }
+
+
 def run(args: argparse.Namespace, p: Params) -> dict[str, Any]:
     machine = detect()
     if machine.accelerator != "cpu":
         return {"skipped": "a CPU question (on a GPU the runtime table decides: bf16 if it has it)"}
     if not machine.bf16:
-        return {"skipped": "this CPU has no native bf16 (avx512_bf16 / amx_bf16): fp32"}
+        return {"skipped": "this CPU has no native bf16 (avx512_bf16 / amx_bf16)"} | (
+            runtime_choice(p)
+        )
     n_rows = args.precision_rows or (64 if args.quick else 3000)
     repeats = args.precision_repeats or (1 if args.quick else 2)
     train_update = {"epochs": 1.0, "batch_size": 32, "eval_strategy": "no"}
@@ -114,6 +129,7 @@ def run(args: argparse.Namespace, p: Params) -> dict[str, Any]:
         **sides,
         "majority_class_accuracy": round(majority, 4),
         **decide(sides["fp32"], sides["bf16"], majority),
+        **runtime_choice(p),
     }
 
 
@@ -129,4 +145,8 @@ def lines(section: dict[str, Any]) -> list[str]:
         row_text(f"dev accuracy ({section['eval_rows']} rows)", fp32["accuracy"], bf16["accuracy"]),
         f"  decision for mixed_precision auto on a CPU: {section['decision']} "
         f"({section['criterion']}){'; ' + section['note'] if 'note' in section else ''}",
+        f"  the runtime's auto on this CPU: {section['runtime_auto']} "
+        f"({section['runtime_reason']})",
+        "  its micro-benchmark again now: fp32 {fp32_gflops} vs bf16 {bf16_gflops} GFLOP/s, "
+        "{speedup}x, {seconds} s".format(**section["micro_benchmark_now"]),
     ]

@@ -342,3 +342,18 @@ def test_a_bf16_checkpoint_is_merged_saved_and_verified_in_bf16(tiny_llama, tmp_
     assert result["train"]["base_dtype"] == "float32"  # trained on this CPU in fp32
     with safe_open(tmp_path / "run/merged/model.safetensors", "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}  # noqa: SIM118
+
+
+def test_the_precision_bench_shows_the_runtime_decision_beside_its_measurement(monkeypatch):
+    from bench import precision
+
+    monkeypatch.setenv(hardware.ENV, "0.5")  # the runtime's figure; the bench measures anew
+    choice = precision.runtime_choice(params(**{"train.mixed_precision": "bf16"}))
+    assert choice["runtime_auto"] == "no" and "0.50x" in choice["runtime_reason"]
+    assert choice["micro_benchmark_now"]["fp32_gflops"] > 0
+    side = {"samples_per_s": 1.0, "accuracy": 0.8}
+    section = {"train_rows": 1, "batch_size": 1, "repeats": 1, "eval_rows": 1, "fp32": side}
+    section |= {"bf16": side, "bf16_speedup": 1.0, "decision": "fp32", "criterion": "c", **choice}
+    text = "\n".join(precision.lines(section))
+    assert "the runtime's auto on this CPU: no (measured bf16 0.50x" in text
+    assert "its micro-benchmark again now: fp32" in text
