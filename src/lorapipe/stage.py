@@ -105,12 +105,15 @@ def run(
     """Validate params, then `main(params)`; `tracked_outs` are restored if it fails.
 
     A rank (or a launched child) restores nothing: the stage that launched it does, once every
-    child is gone, so no two processes delete and restore the same folder at once.
+    child is gone, so no two processes delete and restore the same folder at once. A rank also
+    keeps SIGTERM's default, death at once: a rank blocked in a collective whose peer has gone
+    would not reach Python's handler until the launcher's SIGKILL, seconds later.
     """
     if launched():
         tracked_outs = ()
+    else:
+        signal.signal(signal.SIGTERM, _interrupt)  # `kill` cleans up as Ctrl-C does
     quiet_libraries()
-    signal.signal(signal.SIGTERM, _interrupt)  # `kill` cleans up as Ctrl-C does (and stops ranks)
     try:
         try:
             p = load_params(os.environ.get("LORAPIPE_PARAMS", params_file))
