@@ -1,6 +1,7 @@
 """The runtime resolver: the GPU's specification, tested on a CPU as a table."""
 
 import dataclasses
+import time
 import types
 
 import pytest
@@ -206,9 +207,10 @@ def test_the_cpu_measurement_is_cached_per_machine(tmp_path, monkeypatch):
 
 
 def test_the_cpu_measurement_is_quick_and_leaves_the_process_as_it_was():
-    threads, rng = torch.get_num_threads(), torch.get_rng_state()
+    threads, rng, cpu = torch.get_num_threads(), torch.get_rng_state(), time.thread_time()
     speed = hardware.measure()
-    assert speed.seconds < 1 and speed.fp32_gflops > 0 and speed.bf16_gflops > 0
+    # CPU time: the wall time (speed.seconds, ~0.3 s) grows with other processes' load
+    assert time.thread_time() - cpu < 0.6 and speed.fp32_gflops > 0 and speed.bf16_gflops > 0
     assert speed.speedup == round(speed.bf16_gflops / speed.fp32_gflops, 2)
     assert torch.get_num_threads() == threads and torch.equal(torch.get_rng_state(), rng)
 
