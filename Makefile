@@ -51,7 +51,7 @@ mutate: install
 
 # On a machine with CUDA: the offline SmolLM2 recipe through `dvc repro` as bf16 LoRA and as
 # 4-bit QLoRA, figures next to the CPU run's. Without CUDA it refuses (exit 2).
-# DEVICE=cpu: the same copies and `dvc repro` on the CPU, shrunk to a few steps (~3 min).
+# DEVICE=cpu: the same copies and `dvc repro` on the CPU, shrunk to a few steps (minutes).
 DEVICE ?= cuda
 gpu-check: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) bench/gpu_check.py --device $(DEVICE)

@@ -128,7 +128,7 @@ def row(printed: str, label: str) -> list[str]:
 @pytest.mark.slow
 def test_gpu_section_cpu_mode_runs_both_sides_of_every_cell(tmp_path):
     """bench/run.py --only gpu --gpu-device cpu, for real: both tiny architectures, bf16 LoRA and
-    4-bit QLoRA, this pipeline and plain HF + PEFT, each side its own process (~2 min idle)."""
+    4-bit QLoRA, this pipeline and plain HF + PEFT, each side its own process (minutes)."""
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     argv = ["--only", "gpu", "--gpu-device", "cpu", "--gpu-seqs", "32"]
     proc = subprocess.run(

@@ -108,7 +108,7 @@ def figures(printed: str, label: str) -> list[str]:
 
 @pytest.mark.slow
 def test_cpu_mode_reproduces_both_variants_through_dvc_repro(tmp_path):
-    """The same copies and `dvc repro` as on a GPU, every stage, on the CPU (~3 min idle)."""
+    """The same copies and `dvc repro` as on a GPU, every stage, on the CPU (5.6 CPU-minutes)."""
     out = tmp_path / "gpu-check-cpu.json"
     proc = subprocess.run(
         [sys.executable, "bench/gpu_check.py", "--device", "cpu", "--out", str(out)],
