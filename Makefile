@@ -42,6 +42,7 @@ bench: install
 # One OpenMP thread: mutmut forks a child per mutant, and torch's thread pool deadlocks in a fork.
 MUTATE := 'lorapipe.merge.*' 'lorapipe.metrics.*' 'lorapipe.tasks.*' 'lorapipe.io.*' \
 	'lorapipe.config.*' 'lorapipe.lora.*' 'lorapipe.plan.*' 'lorapipe.card.*' \
+	'lorapipe.merge_check.*' \
 	'lorapipe.training.xǁLengthBucketSamplerǁ*' 'lorapipe.callbacks.xǁNonFiniteGuardǁ*'
 .PHONY: mutate
 mutate: install

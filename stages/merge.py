@@ -16,9 +16,12 @@ def main(p):
         Path("reports/merge.json"),
         Path("reports/train/metrics.json"),
     )
+    share, merged = result["effect_share"], result["merged"]
     headline = (  # a failed check raised before anything was written
         f"relative max |Δlogit| {result['max_rel_logit_diff']:.2g} <= {result['tolerance']:g}, "
-        f"top-1 agreement {result['top1_agreement']:.3f}: passed"
+        f"top-1 agreement {result['top1_agreement']:.3f}, "
+        + (f"{share:.2g} of the LoRA's effect" if share is not None else "no LoRA effect")
+        + f": passed; merged {merged['metric']} {merged[merged['metric']]:.4g}"
     )
     print(progress.summary("merge", ["models/merged", "reports/merge.json"], headline))
 
