@@ -44,6 +44,7 @@ class Spec:
     sampler: str = "tpe"
     seed: int | None = 42
     pruner: dict[str, Any] | None = None  # {"metric", "startup_trials", "warmup_evals"}
+    stages: tuple[str, ...] = ()  # dvc exp run targets (they and their upstream); () = all
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -150,7 +151,7 @@ def load_spec(path: Path, repo: Path) -> Spec:
     if not isinstance(raw, dict):
         raise UserError(f"{where}: expected a mapping")
     extra = set(raw) - {"study", "objective", "direction", "trials", "storage", "sampler", "seed"}
-    extra -= {"pruner", "set", "params"}
+    extra -= {"pruner", "set", "params", "stages"}
     if extra:
         raise UserError(f"{where}: unknown keys {sorted(extra)}")
     known = _flatten(yaml.safe_load((repo / "params.yaml").read_text()) or {})
@@ -190,6 +191,11 @@ def load_spec(path: Path, repo: Path) -> Spec:
             raise UserError(f"{where}: pruner: unknown keys {sorted(unknown)}")
         leaf = "loss" if key.rsplit(".", 1)[-1] in ("perplexity", "loss") else key.rsplit(".")[-1]
         pruner = {"metric": f"eval_{leaf}", "startup_trials": 2, "warmup_evals": 2} | pruner
+    targets = raw.get("stages") or []
+    in_dvc = (yaml.safe_load((repo / "dvc.yaml").read_text()) or {}).get("stages", {})
+    for target in targets:
+        if target not in in_dvc:
+            raise UserError(f"{where}: stages: {target!r} is not a stage of dvc.yaml")
     storage = str(raw.get("storage") or f"journal:.dvc/tmp/search/{study}.journal")
     spec = Spec(
         study=study,
@@ -202,6 +208,7 @@ def load_spec(path: Path, repo: Path) -> Spec:
         sampler=sampler,
         seed=raw.get("seed", 42),
         pruner=pruner,
+        stages=tuple(targets),
     )
     open_storage(spec.storage)  # unreachable: one line now, before any trial
     return spec

@@ -85,7 +85,11 @@ def read_metric(repo: Path, name: str, objective: str) -> float | None:
     from lorapipe.compare import parse_exp_show
 
     proc = subprocess.run(
-        ["dvc", "exp", "show", "--json"], cwd=repo, capture_output=True, text=True, check=True
+        ["dvc", "--wait-for-lock", "exp", "show", "--json"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     for row in parse_exp_show(json.loads(proc.stdout)):
         if row["name"] == name and row["state"] == "success":
@@ -108,7 +112,17 @@ def run_trial(
     name = f"{spec.study}-{trial.number}"
     trial.set_user_attr("experiment", name)
     trial.set_user_attr("heartbeat", time.time())
-    cmd = ["dvc", "exp", "run", "--temp", "-n", name, *set_args(spec.fixed | trial.params)]
+    cmd = [
+        "dvc",
+        "--wait-for-lock",
+        "exp",
+        "run",
+        "--temp",
+        "-n",
+        name,
+        *set_args(spec.fixed | trial.params),
+        *spec.stages,
+    ]
     env = os.environ | {
         ENV_STUDY: spec.study,
         ENV_STORAGE: spec.storage,
@@ -126,10 +140,12 @@ def run_trial(
     beating.start()
     try:
         code, output = runner(repo, cmd, env, repo / ".dvc/tmp/search" / f"{name}.log")
+        value = metric(repo, name, spec.objective) if code == 0 else None
+    except Exception as exc:  # dvc missing, exp show failing: this trial fails, the search goes on
+        code, output, value = 1, f"error: {type(exc).__name__}: {exc}", None
     finally:
         stop.set()
         beating.join()
-    value = metric(repo, name, spec.objective) if code == 0 else None
     if value is None:
         error = error_line(output, code) if code else f"the experiment wrote no {spec.objective}"
         trial.set_user_attr("error", error)
