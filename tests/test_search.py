@@ -111,6 +111,8 @@ def test_suggested_params_become_set_args_that_read_back(tmp_path: Path) -> None
         assert back == trial.params  # PyYAML reads 1.0e-05 as a float, not text
         assert back["lora.r"] in (4, 8, 16) and 8 <= back["lora.alpha"] <= 32
         assert 1e-5 <= back["train.learning_rate"] <= 3e-3
+    (arg,) = search.set_args({"train.learning_rate": 1e-05})[1::2]
+    assert yaml.safe_load(arg.split("=")[1]) == 1e-05  # not the text "1e-05"
     assert search.set_args({"lora.target_modules": ["query", "value"], "quant.bits": None}) == [
         *("-S", "lora.target_modules=[query, value]", "-S", "quant.bits=null"),
     ]
