@@ -208,3 +208,38 @@ def test_a_killed_workers_trial_is_failed_and_the_study_resumes(tmp_path: Path) 
     states = [t.state.name for t in study.get_trials()]
     assert states == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
     assert study.trials[1].user_attrs["stale"] and searchrun.counted(study) == 3
+
+
+STOP_SCRIPT = """
+import sys
+from pathlib import Path
+from lorapipe import search, searchrun
+spec = search.load_spec(Path(sys.argv[1]), Path(sys.argv[2]))
+def run(repo, cmd, env, log):
+    sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
+    return searchrun.dvc_runner(repo, sleep, env, log)
+searchrun.search(spec, Path(sys.argv[3]), jobs=2, runner=run, metric=lambda *a: 0.5)
+"""
+
+
+def test_sigterm_stops_the_running_trials_and_they_do_not_count(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    path = write(tmp_path, trials=4, pruner=None)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STOP_SCRIPT, str(path), str(ROOT), str(tmp_path)]
+    )
+    journal = tmp_path / "s.journal"
+    deadline = time.time() + 60
+    while time.time() < deadline and (
+        not journal.is_file() or journal.read_text().count('"op_code":4') < 2
+    ):
+        time.sleep(0.5)  # until both workers have asked (op 4: a trial created)
+    time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) != 0
+    study = searchrun.load_study(search.load_spec(path, ROOT))
+    states = [(t.state.name, t.user_attrs.get("stale")) for t in study.get_trials()]
+    assert states == [("FAIL", True), ("FAIL", True)] and searchrun.counted(study) == 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -36,11 +37,26 @@ STALE_S = 120.0  # a RUNNING trial silent this long lost its worker
 Runner = Callable[[Path, list[str], dict[str, str], Path], tuple[int, str]]
 
 
+RUNNING: set[subprocess.Popen[bytes]] = set()  # this process's `dvc exp run`s
+STOPPING = threading.Event()  # Ctrl-C or SIGTERM: no new trial; running ones are interrupted
+
+
 def dvc_runner(repo: Path, cmd: list[str], env: dict[str, str], log: Path) -> tuple[int, str]:
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as out:
-        proc = subprocess.run(cmd, cwd=repo, env=env, stdout=out, stderr=subprocess.STDOUT)
-    return proc.returncode, log.read_text(errors="replace")
+        if STOPPING.is_set():
+            return 1, "error: interrupted before it started"
+        proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=out, stderr=subprocess.STDOUT)
+        RUNNING.add(proc)
+        try:
+            code = proc.wait()
+        finally:
+            RUNNING.discard(proc)
+    return code, log.read_text(errors="replace")
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def load_study(spec: Spec) -> Any:
@@ -149,6 +165,8 @@ def run_trial(
     if value is None:
         error = error_line(output, code) if code else f"the experiment wrote no {spec.objective}"
         trial.set_user_attr("error", error)
+        if STOPPING.is_set():  # interrupted: it does not count, a rerun runs another
+            trial.set_user_attr("stale", True)
         study.tell(trial, state=TrialState.FAIL)
         print(f"{name}: failed: {error}", flush=True)
         return "FAIL"
@@ -181,7 +199,7 @@ def search(
     def work() -> None:
         while True:
             with lock:  # count and ask together: no overshoot among this machine's workers
-                if counted(study) >= spec.trials:
+                if STOPPING.is_set() or counted(study) >= spec.trials:
                     return
                 trial = study.ask(space)
             state = run_trial(spec, study, trial, repo, runner, metric)
@@ -190,11 +208,24 @@ def search(
                 subprocess.run(["dvc", "exp", "push", push, name], cwd=repo, check=False)
 
     workers = [threading.Thread(target=work, daemon=True) for _ in range(max(1, jobs))]
+    STOPPING.clear()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)  # `kill` stops the trials as Ctrl-C does
     for w in workers:
         w.start()
-    for w in workers:
-        while w.is_alive():
-            w.join(0.5)  # a short join: Ctrl-C reaches the main thread
+    try:
+        for w in workers:
+            while w.is_alive():
+                w.join(0.5)  # a short join: Ctrl-C reaches the main thread
+    except KeyboardInterrupt:
+        STOPPING.set()
+        signalled: set[int] = set()
+        while any(w.is_alive() for w in workers):  # each tells its trial FAIL, then ends
+            for proc in [p for p in list(RUNNING) if p.pid not in signalled]:
+                proc.send_signal(signal.SIGINT)  # as Ctrl-C: the stages keep their checkpoints
+                signalled.add(proc.pid)
+            time.sleep(0.2)
+        raise
     return study
 
 
