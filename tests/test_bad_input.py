@@ -398,6 +398,18 @@ def test_a_model_of_the_wrong_kind_is_refused_before_it_loads(
     assert proc.stdout.strip() == "imported:"
 
 
+def test_a_model_dependent_check_loads_neither_peft_nor_bitsandbytes(tmp_path):
+    # peft (and the bitsandbytes it imports) take most of the seconds such an error costs.
+    write_params(tmp_path, **{"lora.target_modules": ["q_proj"]})
+    shutil.copytree(ROOT / "data/raw", tmp_path / "data/raw")
+    proc, _ = light_run(tmp_path, "lorapipe", "check")
+    assert proc.returncode == 2
+    assert error_lines(proc)[-1].startswith("error: lora.target_modules: q_proj match no layer")
+    imported = proc.stdout.split("imported:")[-1].split()
+    assert "torch" in imported  # the meta model was built
+    assert "peft" not in imported and "bitsandbytes" not in imported, imported
+
+
 def test_make_works_in_a_path_with_a_space(tmp_path):
     project = tmp_path / "my projects" / "lorapipe"
     bin_dir = project / ".venv/bin"

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from peft import LoraConfig, PeftModel
 from safetensors.torch import load_file, save_file
 
 from lorapipe.config import ALL_LINEAR, LoraParams, Params, UserError
 from lorapipe.tasks import get_task
+
+if TYPE_CHECKING:  # peft takes seconds to import: the checks that run before it need none
+    from peft import LoraConfig, PeftModel
 
 # Inits that move the top of W into A·B (W_res = W − s·B0·A0): the saved adapter is converted to
 # a plain LoRA of rank 2r (ΔW = B·A − B0·A0) that applies to the original base.
@@ -31,6 +34,8 @@ ADAPTER_KEYS = [
 
 def peft_config(lora: LoraParams, task: str) -> LoraConfig:
     """h = Wx + s·B·A·x with s = alpha/r (alpha/√r under rsLoRA); DoRA rescales each column."""
+    from peft import LoraConfig
+
     return LoraConfig(
         task_type=get_task(task).peft_task_type,
         r=lora.r,

@@ -9,10 +9,9 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from peft import PeftModel, get_peft_model
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 from transformers.utils import is_liger_kernel_available
 
@@ -23,6 +22,9 @@ from lorapipe.quant import bnb_config, check_bitsandbytes
 from lorapipe.runtime import Runtime
 from lorapipe.sources import resolve_model
 from lorapipe.tasks import get_task
+
+if TYPE_CHECKING:  # peft takes seconds to import: `lorapipe check` needs none of it
+    from peft import PeftModel
 
 
 def load_config(p: Params) -> PretrainedConfig:
@@ -131,6 +133,8 @@ def use_deterministic(on: bool, rt: Runtime) -> None:
 
 
 def load_for_training(p: Params, rt: Runtime, tok: PreTrainedTokenizerBase) -> torch.nn.Module:
+    from peft import get_peft_model
+
     model = prepare_for_training(load_base(p, rt, tok.pad_token_id), p, rt)
     model = get_peft_model(model, lora_config(p))
     for param in model.parameters():
@@ -167,6 +171,8 @@ def load_with_adapter(
     pad_token_id: int | None,
     quantized: bool = True,
 ) -> PeftModel:
+    from peft import PeftModel
+
     check_adapter_base(p, adapter)
     base = load_base(p, rt, pad_token_id, quantized)
     return PeftModel.from_pretrained(base, str(adapter)).eval()

@@ -10,11 +10,10 @@ import copy
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate import init_empty_weights
-from peft import LoraConfig, TaskType, get_peft_model
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -24,6 +23,9 @@ from transformers import (
 )
 from transformers.quantizers.base import get_keys_to_not_convert
 from transformers.quantizers.quantizers_utils import should_convert_module
+
+if TYPE_CHECKING:  # peft takes seconds to import; `lorapipe check` needs none of it
+    from peft import LoraConfig
 
 MODEL_CONFIGS_DIR = Path(__file__).parent / "model_configs"
 GIB = 2**30
@@ -37,11 +39,7 @@ TUTORIAL_MISMATCH = (
     "590,848 (= 589,824 + 1,024) is not LoRA on BERT, which adds multiples of 768, plus 0 or 1,538."
 )
 
-_TASK_TYPES = {
-    "seq_cls": TaskType.SEQ_CLS,
-    "causal_lm": TaskType.CAUSAL_LM,
-    "sft": TaskType.CAUSAL_LM,
-}
+_TASK_TYPES = {"seq_cls": "SEQ_CLS", "causal_lm": "CAUSAL_LM", "sft": "CAUSAL_LM"}  # peft.TaskType
 
 
 def load_model_config(name: str) -> PretrainedConfig:
@@ -101,6 +99,8 @@ def count_trainable(
     )
     # The init only sets values (pissa/olora factorize W, which meta tensors do not hold): the
     # shapes, hence the counts, are those of the default init.
+    from peft import get_peft_model
+
     lora_config = dataclasses.replace(lora_config, init_lora_weights=True)
     peft_model = get_peft_model(model, lora_config)
     trainable, total = peft_model.get_nb_trainable_parameters()
@@ -319,6 +319,8 @@ def plan(
     device_gb: float | None = None,
 ) -> str:
     """Load the config, count with PEFT on meta, estimate memory both ways and format it."""
+    from peft import LoraConfig
+
     config = load_model_config(model_name)
     lora_config = LoraConfig(
         task_type=_TASK_TYPES[task], r=r, lora_alpha=alpha, target_modules=target_modules

@@ -12,7 +12,6 @@ from typing import Any, ClassVar
 import datasets
 import numpy as np
 import torch
-from peft import TaskType
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -49,7 +48,7 @@ class SeqCls:
 
     name: ClassVar[str] = "seq_cls"
     auto_model: ClassVar[type] = AutoModelForSequenceClassification
-    peft_task_type: ClassVar[TaskType] = TaskType.SEQ_CLS
+    peft_task_type: ClassVar[str] = "SEQ_CLS"  # peft.TaskType's value: peft loads later
     metric: ClassVar[str] = "accuracy"
     token_weighted_loss: ClassVar[bool] = False
     # The new head trains (a PEFT modules_to_save copy): bitsandbytes must leave it a Linear.
@@ -127,7 +126,7 @@ class CausalLM:
 
     name: ClassVar[str] = "causal_lm"
     auto_model: ClassVar[type] = AutoModelForCausalLM
-    peft_task_type: ClassVar[TaskType] = TaskType.CAUSAL_LM
+    peft_task_type: ClassVar[str] = "CAUSAL_LM"
     metric: ClassVar[str] = "perplexity"
     token_weighted_loss: ClassVar[bool] = True
     kbit_skip_modules: ClassVar[list[str] | None] = None  # transformers' own list (lm_head)
