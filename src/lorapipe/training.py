@@ -50,6 +50,7 @@ from lorapipe.modeling import (
 from lorapipe.provenance import certify
 from lorapipe.runtime import Runtime, resolve, throughput
 from lorapipe.tasks import get_task
+from lorapipe.trial import pruning_callbacks
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +273,13 @@ def train(
         data_collator=task.collator(tok, p),
         processing_class=tok,
         compute_metrics=task.compute_metrics,
-        callbacks=[StepAlignedDVCLive(live=live), LogLastStep(), timer := LoopTimer(), *callbacks],
+        callbacks=[
+            StepAlignedDVCLive(live=live),
+            LogLastStep(),
+            timer := LoopTimer(),
+            *callbacks,
+            *pruning_callbacks(),  # empty outside a `lorapipe search` trial
+        ],
         loraplus_lr_ratio=p.lora.plus_lr_ratio,
     )
     # Trainer's own: a bar, or (disable_tqdm) raw dicts printed; ours: the loss on the bar, lines
