@@ -22,6 +22,14 @@ def sft_params(model, **data):
     return parse_params(raw)
 
 
+def pair_params(model, folder, pairs):
+    """sft params on `pairs` written as one JSONL file, the train and the eval set."""
+    (folder / "t.jsonl").write_text("\n".join(json.dumps(r) for r in pairs) + "\n")
+    data = str(folder / "t.jsonl")
+    fields = {"format": "pair", "input_field": "input", "output_field": "output"}
+    return sft_params(model, train=data, eval=data, **fields)
+
+
 def test_a_jsonl_parse_error_names_the_line_not_a_byte_offset(tmp_path):
     rows = [json.dumps({"input": f"q{i}", "output": f"a{i}"}) for i in range(60)]
     rows[56] = '{"input": "q56", "output": '  # line 57 is cut short
@@ -64,15 +72,7 @@ def test_an_error_after_the_seeded_split_names_the_files_line(tmp_path):
 def test_sft_rows_dropped_and_cut_by_max_length_are_counted(tiny_llama, tmp_path, caplog):
     pairs = [{"input": "short", "output": "a fine answer that runs long " * 3}] * 10
     pairs += [{"input": "a very long prompt " * 20, "output": "lost"}] * 5
-    (tmp_path / "t.jsonl").write_text("\n".join(json.dumps(r) for r in pairs) + "\n")
-    p = sft_params(
-        tiny_llama,
-        train=str(tmp_path / "t.jsonl"),
-        eval=str(tmp_path / "t.jsonl"),
-        format="pair",
-        input_field="input",
-        output_field="output",
-    )
+    p = pair_params(tiny_llama, tmp_path, pairs)
     p = p.model_copy(update={"tokenize": p.tokenize.model_copy(update={"max_length": 16})})
     with caplog.at_level(logging.INFO, logger="lorapipe"):
         meta = tokenize(p, tmp_path / "tokenized")
@@ -87,15 +87,7 @@ def test_sft_rows_dropped_and_cut_by_max_length_are_counted(tiny_llama, tmp_path
 
 def test_blank_output_is_named_as_the_output_field(tiny_llama, tmp_path, caplog):
     pairs = [{"input": f"q{i}", "output": "" if i == 3 else f"a{i}"} for i in range(10)]
-    (tmp_path / "t.jsonl").write_text("\n".join(json.dumps(r) for r in pairs) + "\n")
-    p = sft_params(
-        tiny_llama,
-        train=str(tmp_path / "t.jsonl"),
-        eval=str(tmp_path / "t.jsonl"),
-        format="pair",
-        input_field="input",
-        output_field="output",
-    )
+    p = pair_params(tiny_llama, tmp_path, pairs)
     with caplog.at_level(logging.INFO, logger="lorapipe"):
         tokenize(p, tmp_path / "tokenized")
     assert "dropped 1 of 10 rows whose 'output' is blank (first: line 4)" in caplog.text
