@@ -6,7 +6,7 @@ stay on the majority-class plateau), fp32 against bf16 autocast
 in the shared machine's load hits both; the median samples/s of each side is kept. Both are
 scored on dev by the evaluate stage's loop under the autocast training used.
 
-Decision, as issue 12 states it: bf16 where it is faster at no more than 0.5 point of dev
+Decision: bf16 where it is faster at no more than 0.5 point of dev
 accuracy, else fp32. "Faster" means at least PAYS x: a smaller gain is within what this shared
 machine's load moves between two runs of one side.
 """
