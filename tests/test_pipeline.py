@@ -74,7 +74,8 @@ def test_noop_repro_reruns_nothing(project):
 
 
 def test_eval_param_reruns_only_evaluate(project):
-    set_params(project, {"evaluate.batch_size": 16})
+    # num_samples: evaluate's alone (merge reads batch_size, scoring the merged model as evaluate)
+    set_params(project, {"evaluate.num_samples": 2})
     assert changed(project) == {"evaluate"}
     assert ran(dvc("repro", cwd=project).stdout) == {"evaluate"}
 

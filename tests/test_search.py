@@ -216,7 +216,7 @@ from pathlib import Path
 from lorapipe import search, searchrun
 spec = search.load_spec(Path(sys.argv[1]), Path(sys.argv[2]))
 def run(repo, cmd, env, log):
-    sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
+    sleep = [sys.executable, "-c", "import time; time.sleep(600)"]
     return searchrun.dvc_runner(repo, sleep, env, log)
 searchrun.search(spec, Path(sys.argv[3]), jobs=2, runner=run, metric=lambda *a: 0.5)
 """
@@ -239,7 +239,7 @@ def test_sigterm_stops_the_running_trials_and_they_do_not_count(tmp_path: Path) 
         time.sleep(0.5)  # until both workers have asked (op 4: a trial created)
     time.sleep(1)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=30) != 0
+    assert proc.wait(timeout=90) != 0  # a trial sleeps 600 s: only the interrupt ends it
     study = searchrun.load_study(search.load_spec(path, ROOT))
     states = [(t.state.name, t.user_attrs.get("stale")) for t in study.get_trials()]
     assert states == [("FAIL", True), ("FAIL", True)] and searchrun.counted(study) == 0
