@@ -211,7 +211,7 @@ def test_8bit_cast_warning_is_said_once(tiny_llama, monkeypatch, caplog):
         "MatMul8bitLt: inputs will be cast from torch.bfloat16 to float16 during quantization"
     ]
     other = logging.getLogger(BNB_CAST_LOGGER)
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.WARNING, logger="bitsandbytes"):
         other.warning("something else")
         other.warning("something else")
     assert sum(r.getMessage() == "something else" for r in caplog.records) == 2
