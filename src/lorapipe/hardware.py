@@ -201,6 +201,8 @@ class Machine:
     attention_note: str = "planning assumes the default install"  # why (not) flash-attn
     cpu_bf16: Bf16Speed | None = None  # CPU: bf16 autocast measured against fp32
     local_rank: int = 0
+    gpu: str = ""  # this rank's device name, as torch.cuda gives it
+    capability: float | None = None  # its compute capability (8.0: sm80)
 
 
 def peak_tflops(device_name: str, capability: float) -> tuple[float | None, str]:
@@ -239,4 +241,6 @@ def describe(name: str) -> Machine:
         peak_tflops=peak,
         peak_source=source,
         flash_attention=False,  # planning assumes the default install: sdpa
+        gpu=spec["name"],
+        capability=spec["capability"],
     )

@@ -174,12 +174,7 @@ def machine(m: Machine) -> dict[str, Any]:
         "cpu_flags": flags,
     }
     if m.accelerator == "cuda":
-        import torch
-
-        # Machine does not carry the compute capability: asked of the device it describes.
-        index = m.local_rank % m.count
-        out["gpu"] = torch.cuda.get_device_name(index)
-        out["capability"] = "{}.{}".format(*torch.cuda.get_device_capability(index))
+        out["gpu"], out["capability"] = m.gpu, f"{m.capability:.1f}"
     return out
 
 

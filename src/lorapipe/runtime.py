@@ -108,6 +108,8 @@ def detect() -> Machine:
         flash_attention=props.major >= 8 and installed,
         attention_note=note,
         local_rank=local_rank,
+        gpu=props.name,
+        capability=capability,
     )
 
 
