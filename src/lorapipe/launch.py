@@ -33,7 +33,7 @@ from lorapipe.slots import Slot
 log = logging.getLogger(__name__)
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "accelerate"
 GUARD = "LORAPIPE_LAUNCHED"  # set for the ranks: a rank must never launch again
-SHUTDOWN_SECONDS = 10  # the agent's own wait for the ranks before it SIGKILLs them
+SHUTDOWN_SECONDS = 10  # torch elastic's wait for the ranks before it SIGKILLs them
 GRACE_SECONDS = 20.0  # the stage's wait for the launcher before it SIGKILLs the whole tree
 
 
