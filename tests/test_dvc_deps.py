@@ -112,6 +112,7 @@ def committed(tmp_path_factory):
     for out in ("train/metrics.json", "train/timing.json", "eval.json", "merge.json"):
         (path / "reports" / out).write_text("{}")
     (path / "reports/samples.json").write_text("[]")
+    (path / "reports/generations.jsonl").write_text("")
     dvc("commit", "--force", cwd=path)
     assert json.loads(dvc("status", "--json", cwd=path).stdout) == {}
     return path

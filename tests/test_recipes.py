@@ -51,9 +51,10 @@ def shrink(config, vocab_size: int):
     return type(config)(**raw)
 
 
-def tiny_data(task: str, folder, rows: int = 12, fmt: str = "pair"):
+def tiny_data(task: str, folder, rows: int = 12, fmt: str = "pair", labelled: bool = False):
+    """`labelled`: SST-2's own columns (sentence, label), as a recipe with label names reads."""
     sst = (ROOT / "data/raw/sst2/train.tsv").read_text().splitlines()[: rows + 1]
-    if task == "seq_cls":
+    if task == "seq_cls" or labelled:
         (folder / "train.tsv").write_text("\n".join(sst) + "\n")
         return str(folder / "train.tsv")
     if task == "causal_lm":
@@ -88,7 +89,9 @@ def test_recipe_runs_on_a_shrunk_model(name, tmp_path):
     tok.save_pretrained(tmp_path / "model")
 
     raw = recipe.model_dump()
-    data = tiny_data(recipe.task, tmp_path, fmt=recipe.data.format)
+    data = tiny_data(
+        recipe.task, tmp_path, fmt=recipe.data.format, labelled=bool(recipe.data.label_names)
+    )
     raw["model"]["name"] = str(tmp_path / "model")
     raw["data"].update(train=data, eval=data, max_train_rows=None, max_eval_rows=None)
     raw["tokenize"]["max_length"] = min(raw["tokenize"]["max_length"], 64)
@@ -108,6 +111,8 @@ def test_recipe_runs_on_a_shrunk_model(name, tmp_path):
     if recipe.quant.bits != "none":
         assert "max_abs_logit_diff_vs_quantized" in result["merge"]
     assert (tmp_path / "run/adapter/adapter_model.safetensors").is_file()
+    answers = (tmp_path / "run/reports/generations.jsonl").read_text().splitlines()
+    assert len(answers) == (result["eval"]["tuned"]["examples"] if recipe.task == "sft" else 0)
 
 
 def test_apply_refuses_to_overwrite_uncommitted_edits(tmp_path):

@@ -1,6 +1,7 @@
 """Trainer callbacks of the train stage: the non-finite-loss guard, step-aligned DVCLive curves,
 progress (a bar in a terminal, one line per logging step otherwise), the last step always
-logged, and the training loop's own time and matmul params for the throughput figures."""
+logged, early stopping, and the training loop's own time and matmul params for the throughput
+figures."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import TrainerCallback
+from transformers import EarlyStoppingCallback, TrainerCallback
 from transformers.integrations import DVCLiveCallback
 from transformers.trainer_callback import ProgressCallback
 
 from lorapipe import progress
-from lorapipe.config import UserError
+from lorapipe.config import Params, UserError
 
 
 class NonFiniteLoss(UserError):
@@ -146,6 +147,15 @@ class LoopTimer(TrainerCallback):
     @property
     def loop_seconds(self) -> float:
         return self.end - self.begin - self.eval_seconds - self.save_seconds
+
+
+def early_stopping(p: Params) -> list[TrainerCallback]:
+    """transformers' EarlyStoppingCallback with train.early_stopping_patience; [] when off.
+
+    It reads the metric and its direction from TrainingArguments (checkpoints.saving).
+    """
+    patience = p.train.early_stopping_patience
+    return [] if patience is None else [EarlyStoppingCallback(early_stopping_patience=patience)]
 
 
 def matmul_params(model: nn.Module) -> int:

@@ -8,6 +8,7 @@ chat template; every token outside an assistant turn is labelled IGNORE.
 
 from __future__ import annotations
 
+import string
 from typing import Any
 
 import datasets
@@ -34,12 +35,35 @@ def _text(value: Any, where: str, row: str, name: str) -> str:
     return value
 
 
+def _inputs(rows: datasets.Dataset, d: DataParams, where: str) -> list[Any]:
+    """The prompt column, or data.input_template filled from each row's columns."""
+    if d.input_template is None:
+        return _column(rows, d.input_field, where, "set data.input_field")
+    fields = {f for _, f, _, _ in string.Formatter().parse(d.input_template) if f}
+    for field in sorted(fields):
+        _column(rows, field, where, "named by data.input_template")
+    return [d.input_template.format(**row) for row in rows]
+
+
+def _label_name(value: Any, d: DataParams, where: str, row: str) -> str:
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if not isinstance(value, int) or not 0 <= value < len(d.label_names):
+        raise UserError(
+            f"{where}: {row}: '{d.output_field}' is {value!r}, not an index of data.label_names "
+            f"(0..{len(d.label_names) - 1})"
+        )
+    return d.label_names[value]
+
+
 def pairs(rows: datasets.Dataset, d: DataParams, where: str) -> list[tuple[str, str]]:
     """(prompt, response) per row of a `pair` or `alpaca` set."""
     if d.format == "pair":
-        inputs = _column(rows, d.input_field, where, "set data.input_field")
+        inputs = _inputs(rows, d, where)
         outputs = _column(rows, d.output_field, where, "set data.output_field")
-        names = (d.input_field, d.output_field)
+        if d.label_names:
+            outputs = [_label_name(o, d, where, at(rows, n)) for n, o in enumerate(outputs)]
+        names = (d.input_template or d.input_field, d.output_field)
         return [
             (_text(i, where, at(rows, n), names[0]), _text(o, where, at(rows, n), names[1]))
             for n, (i, o) in enumerate(zip(inputs, outputs, strict=True))
@@ -175,3 +199,13 @@ def encode(
         return out
     key = "data.format" if d.format in CONVERSATION_COLUMN else "data.chat_template"
     return [conversation_ids(tok, c, where, n, key) for n, c in enumerate(convs, 1)]
+
+
+def stop_ids(tok: PreTrainedTokenizerBase, d: DataParams) -> list[int]:
+    """The tokens that end an answer: EOS, and the end-of-turn token the template trains on."""
+    ids = {tok.eos_token_id}
+    if uses_template(d):
+        probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+        _, labels = conversation_ids(tok, probe, "the chat template", 1, "data.chat_template")
+        ids.add([t for t in labels if t != IGNORE][-1])
+    return sorted(i for i in ids if i is not None)

@@ -7,6 +7,7 @@ Every error is one line that names the file and the field.
 from __future__ import annotations
 
 import difflib
+import string
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -52,6 +53,12 @@ class DataParams(_Section):
     input_field: str = "input"
     output_field: str = "output"
     separator: str = "\n### Response:\n"
+    input_template: str | None = Field(
+        None, description="sft pair: the prompt from a row's columns, e.g. 'Review: {sentence}'"
+    )
+    label_names: list[str] = Field(
+        default_factory=list, description="sft pair: an integer output_field's names (0: first)"
+    )
     chat_template: bool = False
     max_train_rows: int | None = Field(None, gt=0)
     max_eval_rows: int | None = Field(None, gt=0)
@@ -116,6 +123,12 @@ class TrainParams(_Section):
     eval_strategy: Literal["epoch", "steps", "no"] = "epoch"
     eval_steps: int = Field(100, gt=0)
     save_steps: int = Field(100, gt=0)
+    early_stopping_patience: int | None = Field(
+        None, gt=0, description="evals without improvement before stopping; null: off"
+    )
+    early_stopping_metric: str = Field(
+        "auto", description="an in-training eval key (eval_loss, accuracy); auto: the task's"
+    )
     num_processes: Literal["auto"] | Annotated[int, Field(gt=0)] = Field(
         "auto", description="processes (one per GPU); auto: every visible GPU, 1 on a CPU"
     )
@@ -129,6 +142,23 @@ class TrainParams(_Section):
     )
 
 
+# What each task's in-training eval logs (Trainer's eval_loss, seq_cls's accuracy), the task's
+# own metric first: early_stopping_metric's auto. Perplexity, exp(loss), ranks as eval_loss.
+TRAINER_EVAL_KEYS = {
+    "seq_cls": ("eval_accuracy", "eval_loss"),
+    "causal_lm": ("eval_loss",),
+    "sft": ("eval_loss",),
+}
+
+
+def best_model_metric(task: str, metric: str) -> str | None:
+    """train.early_stopping_metric as a Trainer eval key; None if the task's eval lacks it."""
+    name = TRAINER_EVAL_KEYS[task][0] if metric == "auto" else metric
+    key = "eval_" + name.removeprefix("eval_")
+    key = "eval_loss" if key == "eval_perplexity" else key
+    return key if key in TRAINER_EVAL_KEYS[task] else None
+
+
 class EvaluateParams(_Section):
     batch_size: int = Field(64, gt=0)
     num_samples: int = Field(3, ge=0, description="generated samples written for causal tasks")
@@ -137,6 +167,32 @@ class EvaluateParams(_Section):
         "blocks", description="causal_lm: the eval blocks, or the eval text as one stream"
     )
     stride: int | None = Field(None, gt=0, description="sliding_window; null: max_length // 2")
+    generate: Literal["auto", True, False] = Field(
+        "auto", description="answers over the whole eval split, base and tuned; auto: sft only"
+    )
+    metrics: Literal["auto"] | list[str] = Field(
+        "auto",
+        description="of the answers; auto: accuracy, macro_f1 with labels, else text overlap",
+    )
+    labels: Literal["auto"] | list[str] = Field(
+        "auto", description="classification by generation; auto: data.label_names"
+    )
+    do_sample: bool = Field(False, description="sample (seeded by train.seed) instead of greedy")
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+
+    def generates(self, task: str) -> bool:
+        return self.generate is True or (self.generate == "auto" and task == "sft")
+
+    def label_set(self, data: DataParams) -> list[str]:
+        return data.label_names if self.labels == "auto" else self.labels
+
+    def metric_names(self, data: DataParams) -> list[str]:
+        if self.metrics != "auto":
+            return self.metrics
+        if self.label_set(data):
+            return ["accuracy", "macro_f1"]
+        return ["exact_match", "token_f1", "rouge_l", "chrf", "bleu"]
 
 
 class MergeParams(_Section):
@@ -176,12 +232,64 @@ class Params(_Section):
             raise ValueError("train.mixed_precision: fp16 with a quantized base; use bf16 or auto")
         if self.data.format != "pair" and self.task != "sft":
             raise ValueError(f"data.format: {self.data.format} is for task: sft, not {self.task}")
+        t = self.train
+        stopping = t.early_stopping_patience is not None
+        if stopping and t.eval_strategy == "no":
+            raise ValueError(
+                "train.early_stopping_patience: needs evals, but train.eval_strategy is no"
+            )
+        # Each eval's adapter is kept (Trainer loads the best back): a save at every eval.
+        if stopping and t.eval_strategy == "steps" and t.save_steps != t.eval_steps:
+            raise ValueError("train.save_steps: must equal train.eval_steps for early stopping")
+        if best_model_metric(self.task, t.early_stopping_metric) is None:
+            keys = ", ".join(TRAINER_EVAL_KEYS[self.task])
+            raise ValueError(
+                f"train.early_stopping_metric: {t.early_stopping_metric!r} is not in {self.task}'s "
+                f"in-training eval (it logs {keys})"
+            )
         if self.evaluate.perplexity == "sliding_window" and self.task != "causal_lm":
             raise ValueError(f"evaluate.perplexity: sliding_window is for causal_lm ({self.task})")
         if (self.evaluate.stride or 0) >= self.tokenize.max_length:
             # a window's first token has no context: the next window must score it
             raise ValueError("evaluate.stride: must be below the window, tokenize.max_length")
+        _check_generation(self)
         return self
+
+
+def _check_labels(key: str, labels: list[str]) -> None:
+    from lorapipe.answers import label_form
+
+    seen: dict[str, str] = {}
+    for label in labels:
+        if not label_form(label):
+            raise ValueError(f"{key}: an empty label {label!r} (nothing left once normalised)")
+        if label_form(label) in seen:
+            raise ValueError(f"{key}: {seen[label_form(label)]!r} and {label!r} are one label")
+        seen[label_form(label)] = label
+
+
+def _check_generation(p: Params) -> None:
+    from lorapipe.answers import LABEL_METRICS, METRICS
+
+    e, d = p.evaluate, p.data
+    _check_labels("data.label_names", d.label_names)
+    if e.labels != "auto":
+        _check_labels("evaluate.labels", e.labels)
+    asked = [k for k in ("generate", "metrics", "labels") if getattr(e, k) not in ("auto", False)]
+    if asked and p.task != "sft":
+        raise ValueError(f"evaluate.{asked[0]}: answers are generated for task: sft, not {p.task}")
+    unknown = [m for m in e.metric_names(d) if m not in METRICS]
+    if unknown:
+        raise ValueError(f"evaluate.metrics: unknown metric '{unknown[0]}' (known: {METRICS})")
+    if any(m in LABEL_METRICS for m in e.metric_names(d)) and not e.label_set(d):
+        raise ValueError("evaluate.metrics: accuracy and macro_f1 need evaluate.labels")
+    if d.input_template is not None:
+        try:
+            fields = [f for _, f, _, _ in string.Formatter().parse(d.input_template) if f]
+        except ValueError as exc:
+            raise ValueError(f"data.input_template: {exc}") from None
+        if not fields:
+            raise ValueError("data.input_template: names no column, e.g. {sentence}")
 
 
 def _field_path(loc: tuple[Any, ...]) -> str:

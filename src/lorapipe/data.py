@@ -37,6 +37,8 @@ TOKENIZE_KEYS = [
             "input_field",
             "output_field",
             "separator",
+            "input_template",
+            "label_names",
             "chat_template",
             "max_train_rows",
             "max_eval_rows",
@@ -62,6 +64,8 @@ def _head(rows: datasets.Dataset, limit: int | None) -> datasets.Dataset:
 def _text_columns(p: Params) -> list[str]:
     """Columns of plain text (not labels; a conversation column is checked turn by turn in chat)."""
     skip = set(CONVERSATION_COLUMN.values())
+    if p.data.label_names:  # the output column holds label indices (chat.pairs checks them)
+        skip.add(p.data.output_field)
     return [c for c, key in task_columns(p).items() if key != "data.label_field" and c not in skip]
 
 

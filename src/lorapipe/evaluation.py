@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -10,8 +11,10 @@ import datasets
 import torch
 from transformers import DataCollatorForSeq2Seq, set_seed
 
-from lorapipe.config import MODEL_KEYS, QUANT_KEYS, Params
-from lorapipe.io import write_json
+from lorapipe import answers, chat
+from lorapipe.config import MODEL_KEYS, QUANT_KEYS, Params, UserError
+from lorapipe.generation import Example, examples, generate
+from lorapipe.io import write_json, write_text_atomic
 from lorapipe.metrics import evaluate_model
 from lorapipe.modeling import load_config, load_tokenizer, load_with_adapter
 from lorapipe.packing import first_document
@@ -26,6 +29,15 @@ EVAL_KEYS = [
     "evaluate.max_new_tokens",
     "evaluate.perplexity",
     "evaluate.stride",
+    "evaluate.generate",
+    "evaluate.metrics",
+    "evaluate.labels",
+    "evaluate.do_sample",
+    "evaluate.temperature",
+    "evaluate.top_p",
+    "data.format",  # the end-of-turn token generation stops at
+    "data.chat_template",
+    "data.label_names",  # evaluate.labels: auto
     "train.seed",
     "train.mixed_precision",  # evaluation runs under training's autocast
 ]
@@ -90,6 +102,54 @@ def samples(p: Params, model: Any, tok: Any, data: datasets.Dataset) -> list[dic
     return out
 
 
+def answer_set(p: Params, tok: Any, data: datasets.Dataset) -> tuple[list[Example], list[str]]:
+    """The eval split's examples and their references as text, checked against the label set
+    before any model loads."""
+    stops = chat.stop_ids(tok, p.data)
+    exs = examples(data, stops)
+    if not exs:
+        raise UserError("evaluate.generate: the eval split has no example with an answer")
+    refs = [tok.decode(x.reference, skip_special_tokens=True).strip() for x in exs]
+    labels = p.evaluate.label_set(p.data)
+    if labels and any(m in answers.LABEL_METRICS for m in p.evaluate.metric_names(p.data)):
+        bad = next((r for r in refs if answers.match_label(r, labels) is None), None)
+        if bad is not None:
+            n = refs.index(bad) + 1
+            raise UserError(
+                f"evaluate.labels: eval example {n}'s answer {bad!r} is none of {labels}"
+            )
+    return exs, refs
+
+
+def generated_answers(
+    p: Params, model: Any, tok: Any, exs: list[Example], refs: list[str], batch_size: int
+) -> tuple[dict[str, Any], list[dict[str, str]]]:
+    """Base and tuned answers to every example: their metrics, and a row per example."""
+    stops, prompts = chat.stop_ids(tok, p.data), [x.prompt for x in exs]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
+    texts = {}
+    for side in ("tuned", "base"):
+        set_seed(p.train.seed)  # sampling (evaluate.do_sample) draws the same for both
+        if side == "base":
+            with model.disable_adapter():
+                new = generate(model, prompts, p.evaluate, stops, pad, batch_size, "generate base")
+        else:
+            new = generate(model, prompts, p.evaluate, stops, pad, batch_size, "generate tuned")
+        texts[side] = [tok.decode(x, skip_special_tokens=True).strip() for x in new]
+    names, labels = p.evaluate.metric_names(p.data), p.evaluate.label_set(p.data)
+    scores = {side: answers.score(texts[side], refs, names, labels) for side in texts}
+    rows = [
+        {
+            "prompt": tok.decode(x.prompt, skip_special_tokens=True),
+            "reference": ref,
+            "base": base,
+            "tuned": tuned,
+        }
+        for x, ref, base, tuned in zip(exs, refs, texts["base"], texts["tuned"], strict=True)
+    ]
+    return scores, rows
+
+
 def evaluate(
     p: Params,
     tokenized: Path,
@@ -98,10 +158,13 @@ def evaluate(
     samples_out: Path,
     rt: Runtime | None = None,
 ) -> dict[str, Any]:
-    """`rt`: the stage's resolved runtime (resolved for this machine when not given)."""
+    """`rt`: the stage's resolved runtime (resolved for this machine when not given). Answers
+    (evaluate.generate) go to generations.jsonl beside `samples_out`, a row per example."""
     task, tok = get_task(p.task), load_tokenizer(p)
     rt = rt or resolve(p, load_config(p))
     data = datasets.load_from_disk(str(tokenized))["eval"]
+    generating = p.evaluate.generates(p.task)
+    exs, refs = answer_set(p, tok, data) if generating else ([], [])
     # Seeded as the train stage: a new head gets the same init, so "base" is the model at step 0.
     set_seed(p.train.seed)
     # The base as it was trained (quantized if it was), in training's dtype and autocast.
@@ -118,17 +181,25 @@ def evaluate(
         tuned = evaluate_model(model, scored, collator, task, rt.eval_batch_size)
         with model.disable_adapter():
             base = evaluate_model(model, scored, collator, task, rt.eval_batch_size)
+        scores, rows = (
+            generated_answers(p, model, tok, exs, refs, rt.eval_batch_size)
+            if generating
+            else ({"base": {}, "tuned": {}}, [])
+        )
+        generated = samples(p, model, tok, data)
     key = task.metric
     metrics = {
         **({"perplexity_method": p.evaluate.perplexity} if task.metric == "perplexity" else {}),
+        **({"answers": p.evaluate.metric_names(p.data)} if generating else {}),
         "task": p.task,
         "metric": key,
         key: tuned[key],
-        "base": base,
-        "tuned": tuned,
+        "base": {**base, **scores["base"]},
+        "tuned": {**tuned, **scores["tuned"]},
         "gain": tuned[key] - base[key],
     }
+    lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    write_text_atomic(samples_out.with_name("generations.jsonl"), lines)
+    write_json(samples_out, generated)
     write_json(metrics_out, metrics)
-    with autocast(rt):
-        write_json(samples_out, samples(p, model, tok, data))
     return metrics

@@ -15,6 +15,7 @@ import importlib.metadata
 import json
 import os
 import socket
+import string
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
@@ -170,7 +171,12 @@ def task_columns(p: Params) -> dict[str, str]:
     """{column name: the params key that names it} for the columns the task needs."""
     if p.task == "sft" and p.data.format in FORMAT_COLUMNS:
         return {column: "data.format" for column in FORMAT_COLUMNS[p.data.format]}
-    return {getattr(p.data, key): f"data.{key}" for key in TASK_FIELDS[p.task]}
+    columns = {getattr(p.data, key): f"data.{key}" for key in TASK_FIELDS[p.task]}
+    if p.task == "sft" and p.data.input_template is not None:  # the prompt from these instead
+        del columns[p.data.input_field]
+        named = string.Formatter().parse(p.data.input_template)
+        columns.update({f: "data.input_template" for _, f, _, _ in named if f})
+    return columns
 
 
 def require_columns(columns: list[str], p: Params, where: str) -> None:

@@ -13,7 +13,6 @@ import json
 import logging
 import shutil
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,6 @@ import datasets
 import torch
 from dvclive import Live
 from peft.optimizers import create_loraplus_optimizer
-from safetensors import safe_open
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -34,9 +32,11 @@ from lorapipe.callbacks import (
     NonFiniteGuard,
     StepAlignedDVCLive,
     StepLines,
+    early_stopping,
     matmul_params,
 )
 from lorapipe.card import make_portable, model_card, usage
+from lorapipe.checkpoints import latest_checkpoint, saving
 from lorapipe.config import MODEL_KEYS, QUANT_KEYS, Params, TrainParams, stage_params
 from lorapipe.io import atomic_dir, write_json
 from lorapipe.lora import ADAPTER_KEYS, RESIDUAL_INITS, save_adapter
@@ -63,12 +63,6 @@ TRAIN_KEYS = [
     *QUANT_KEYS,
     *(f"train.{k}" for k in TrainParams.model_fields),  # the whole train section
 ]
-CHECKPOINT_FILES = (
-    "trainer_state.json",
-    "optimizer.pt",
-    "scheduler.pt",
-    "adapter_model.safetensors",
-)
 
 
 class LengthBucketSampler(torch.utils.data.Sampler[int]):
@@ -153,26 +147,6 @@ def fingerprint(p: Params, tokenized: Path) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
-def checkpoint_ok(folder: Path) -> bool:
-    """A checkpoint is usable only if every file was written completely."""
-    try:
-        json.loads((folder / "trainer_state.json").read_text())
-        with safe_open(folder / "adapter_model.safetensors", "pt") as f:
-            list(f.keys())
-        return all((folder / name).stat().st_size > 0 for name in CHECKPOINT_FILES)
-    except Exception:  # any unreadable file, whatever the reader raises, means incomplete
-        return False
-
-
-def latest_checkpoint(work: Path) -> Path | None:
-    candidates = sorted(work.glob("checkpoint-*"), key=lambda d: int(d.name.split("-")[-1]))
-    for folder in reversed(candidates):
-        if checkpoint_ok(folder):
-            return folder
-        warnings.warn(f"skipping incomplete checkpoint {folder}", stacklevel=2)
-    return None
-
-
 def training_args(
     p: Params, output_dir: Path, has_eval: bool, rt: Runtime | None = None
 ) -> TrainingArguments:
@@ -206,8 +180,7 @@ def training_args(
         logging_nan_inf_filter=False,  # a NaN must show, not be averaged away
         eval_strategy=eval_strategy,
         eval_steps=t.eval_steps,
-        save_strategy="steps",
-        save_steps=t.save_steps,
+        **saving(p, eval_strategy),
         save_total_limit=2,
         report_to="none",  # the DVCLive callback is added explicitly, pointed at reports/
         disable_tqdm=not progress.interactive(),  # a bar in a terminal, else lines (progress)
@@ -278,6 +251,7 @@ def train(
             LogLastStep(),
             timer := LoopTimer(),
             *callbacks,
+            *early_stopping(p),
             *pruning_callbacks(),  # empty outside a `lorapipe search` trial
         ],
         loraplus_lr_ratio=p.lora.plus_lr_ratio,
@@ -303,6 +277,9 @@ def train(
         "compute_dtype": str(rt.compute_dtype).removeprefix("torch."),
         "base_dtype": str(rt.base_dtype).removeprefix("torch."),
     }
+    best = trainer.state.best_model_checkpoint if args.load_best_model_at_end else None
+    if best:  # early stopping: Trainer loaded this eval's adapter back, the one saved below
+        summary["best_step"] = int(Path(best).name.split("-")[-1])
     if trainer.is_world_process_zero():
         live.summary.update({k: v for k, v in summary.items() if isinstance(v, int | float)})
         live.make_summary()
@@ -315,7 +292,7 @@ def train(
             card = model_card("LoRA adapter", trained_with, summary, usage(p, adapter_out))
             (tmp / "README.md").write_text(card, encoding="utf-8")
             certify(tmp, adapter_out, rt, report_dir / "metrics.json")
-        # save_strategy="steps" makes Trainer save at the last step too: a resumable final state.
+        # Trainer saves at the last step too, by steps or by epoch: a resumable final state.
         final = work / f"checkpoint-{result.global_step}"
         with atomic_dir(checkpoint_out) as tmp:
             shutil.copytree(final, tmp, dirs_exist_ok=True)
