@@ -1,4 +1,4 @@
-"""User commands: check, plan, recipe, predict, generate, compare, push, verify, search."""
+"""User commands: check, plan, recipe, predict, generate, compare, push, verify, search, lm-eval."""
 
 from __future__ import annotations
 
@@ -121,7 +121,11 @@ def _read_inputs(source: str) -> list[str]:
 
 
 # The head a command needs, as config.json's `architectures` names it (read without transformers).
-HEADS = {"predict": "ForSequenceClassification", "generate": "ForCausalLM"}
+HEADS = {
+    "predict": "ForSequenceClassification",
+    "generate": "ForCausalLM",
+    "lm-eval": "ForCausalLM",
+}
 
 
 def _check_model_folders(args: argparse.Namespace) -> None:
@@ -214,6 +218,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(json.dumps({"prompt": line, "generated": completion}))
 
 
+def cmd_lm_eval(args: argparse.Namespace) -> None:
+    from lorapipe import lmeval
+
+    lmeval.require_lm_eval()
+    _check_model_folders(args)
+    kw = {"include_path": args.include_path, "limit": args.limit, "batch_size": args.batch_size}
+    print("\n".join(lmeval.summary(lmeval.run(args.model, args.tasks, args.out, **kw))))
+    print(f"wrote {args.out}")
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="lorapipe", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -281,6 +295,14 @@ def parser() -> argparse.ArgumentParser:
         cmd.add_argument("--adapter", default="models/adapter", help="base + this adapter")
         cmd.add_argument("--model", help="a merged model folder instead of base + adapter")
         cmd.add_argument("--max-new-tokens", type=int, default=40)
+    lme = sub.add_parser("lm-eval", help="lm-evaluation-harness tasks on a merged causal model")
+    lme.set_defaults(fn=cmd_lm_eval)
+    lme.add_argument("--tasks", required=True, help="comma-separated: sst2_local, mmlu, ...")
+    lme.add_argument("--model", default="models/merged", help="default models/merged")
+    lme.add_argument("--include-path", help="a folder of task YAMLs (default configs/lm_eval)")
+    lme.add_argument("--limit", type=int, help="at most N examples per task")
+    lme.add_argument("--batch-size", type=int, default=8, help="default 8")
+    lme.add_argument("--out", default="reports/lm_eval.json", help="default reports/lm_eval.json")
     return ap
 
 
