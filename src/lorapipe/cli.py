@@ -1,4 +1,5 @@
-"""User commands: check, plan, recipe, predict, generate, compare, push, verify, search, lm-eval."""
+"""User commands: check, plan, recipe, params, predict, generate, compare, push, verify, search,
+lm-eval."""
 
 from __future__ import annotations
 
@@ -61,6 +62,12 @@ def cmd_recipe(args: argparse.Namespace) -> None:
     else:
         apply_recipe(args.name, Path(args.params), force=args.force)
         print(f"params.yaml now holds recipe '{args.name}'; run `dvc repro` or `dvc exp run`")
+
+
+def cmd_params(args: argparse.Namespace) -> None:
+    from lorapipe.params_file import explain
+
+    print(explain(args.key, Path(args.params)))
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -265,6 +272,9 @@ def parser() -> argparse.ArgumentParser:
     rec.add_argument("action", choices=["list", "show", "apply"])
     rec.add_argument("name", nargs="?")
     rec.add_argument("--force", action="store_true", help="overwrite uncommitted params edits")
+    prm = add("params", cmd_params, "explain a params key: meaning, default, value, stages")
+    prm.add_argument("action", choices=["explain"])
+    prm.add_argument("key", help="a dotted key, e.g. lora.r")
     cmp = sub.add_parser("compare", help="dvc exp show → a table and a PNG")
     cmp.set_defaults(fn=cmd_compare)
     cmp.add_argument(

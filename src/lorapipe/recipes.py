@@ -1,8 +1,9 @@
 """Recipes: params files under recipes/, each a published setup, applied onto params.yaml.
 
 A recipe holds only what differs from the schema's defaults; `apply` writes the complete
-params (every key, so `dvc exp run -S key=value` can set any of them) and never overwrites
-uncommitted edits to params.yaml silently.
+params (every key, so `dvc exp run -S key=value` can set any of them, each with its
+description) and never overwrites uncommitted edits to params.yaml silently. The shipped
+params.yaml is DEFAULT_RECIPE applied.
 """
 
 from __future__ import annotations
@@ -10,13 +11,12 @@ from __future__ import annotations
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
-
-import yaml
 
 from lorapipe.config import Params, UserError, parse_params, read_yaml
+from lorapipe.params_file import render
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+DEFAULT_RECIPE = "offline-sst2-minilm"
 
 
 def _path(name: str) -> Path:
@@ -51,6 +51,19 @@ def _uncommitted(path: Path) -> bool:
     return proc.returncode == 0 and bool(proc.stdout.strip())
 
 
+def _header(name: str) -> str:
+    return (
+        f"# recipe: {name} — {list_recipes()[name]}\n"
+        f"# Written by `lorapipe recipe apply {name}`; edit freely, every key is here.\n"
+        "# Each key's meaning is the comment above it; `lorapipe params explain KEY` says more.\n"
+    )
+
+
+def recipe_text(name: str) -> str:
+    """The complete params file `apply` writes for a recipe."""
+    return render(recipe_params(name), _header(name))
+
+
 def apply_recipe(name: str, target: Path, force: bool = False) -> Params:
     p = recipe_params(name)
     if target.exists() and _uncommitted(target):
@@ -60,10 +73,5 @@ def apply_recipe(name: str, target: Path, force: bool = False) -> Params:
                 f"(the old file is kept as {target.name}.bak)"
             )
         shutil.copy2(target, target.with_name(target.name + ".bak"))
-    data: dict[str, Any] = p.model_dump()
-    header = (
-        f"# recipe: {name} — {list_recipes()[name]}\n"
-        f"# Written by `lorapipe recipe apply {name}`; edit freely, every key is here.\n"
-    )
-    target.write_text(header + yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    target.write_text(render(p, _header(name)), encoding="utf-8")
     return p
