@@ -35,7 +35,7 @@ test-fast: install
 bench: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) bench/run.py
 
-# Mutation testing of the core modules (not in CI; 21 min from a fresh clone on this 2-core CPU, see README
+# Mutation testing of the core modules (not in CI; 21 min from a fresh clone on a 2-core CPU, see docs/testing.md,
 # "Mutation testing"). Config in pyproject.toml [tool.mutmut]; each mutant runs only the fast tests that
 # call the mutated function. Of training.py only the sampler is mutated, and the NaN guard in callbacks.py.
 # mutants/ is mutmut's working copy; .dvc/ is made first as mutmut copies .dvc/config into it.
