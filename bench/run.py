@@ -33,7 +33,7 @@ import datasets
 import torch
 import transformers
 
-from bench import causal, classification, gpu, overheads, precision
+from bench import causal, classification, generation, gpu, overheads, precision
 from bench.harness import ROOT, cpu_busy_fraction, not_run
 from bench.report import chart, table, targets
 from lorapipe.config import Params, load_params
@@ -57,6 +57,7 @@ SECTIONS: dict[str, Section] = {
     "noop_repro": Section(lambda args, p: overheads.noop_repro(args.repro_runs)),
     "sst2_tokenize": Section(lambda args, p: overheads.sst2_tokenize(p)),
     "precision": Section(precision.run, precision.lines, precision.add_arguments),
+    "generation": Section(generation.run, generation.lines, generation.add_arguments),
     "gpu": Section(gpu.run, gpu.lines, gpu.add_arguments),
 }
 
