@@ -52,7 +52,13 @@ FULL_PRECISION = {
     "h100": (BF16, BF16, "bf16", 1, True),
     "h100x8": (BF16, BF16, "bf16", 8, True),
 }
-for _name in ("offline-sst2-minilm", "sft-prompt-response", "sst2-bert-base", "chat-sft-smollm2"):
+for _name in (
+    "offline-sst2-minilm",
+    "sft-prompt-response",
+    "sst2-bert-base",
+    "chat-sft-smollm2",
+    "sst2-smollm2-generate",
+):
     SPEC[_name] = FULL_PRECISION
 SPEC["sst2-bert-handwritten"] = FULL_PRECISION
 
