@@ -8,7 +8,7 @@ sees only its one GPU: Trainer would otherwise count them all (n_gpu), multiply 
 wrap the model in nn.DataParallel; the parent has already initialised CUDA to count devices.
 
 The children start in their own session: a SIGTERM or Ctrl-C of the stage is forwarded to the
-launcher's process group as SIGTERM. torch elastic's agent passes it on to every rank (each in
+launcher's process group as SIGTERM. torchrun's elastic launcher passes it on to every rank (each in
 its own session too) and kills them after TORCH_ELASTIC_SHUTDOWN_TIMEOUT; a launcher still
 alive after GRACE_SECONDS is killed with every process it started.
 """
