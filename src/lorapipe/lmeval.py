@@ -101,9 +101,10 @@ def evaluate(
 ) -> dict[str, dict[str, float]]:
     """simple_evaluate with the `hf` model type on `model`: CUDA where present, else the CPU."""
     import lm_eval
-    import torch
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    from lorapipe.runtime import detect
+
+    device = detect().accelerator  # the one place that asks torch which device there is
     try:
         out = lm_eval.simple_evaluate(
             model="hf",
