@@ -23,10 +23,12 @@ repro: install
 	$(VENV)/bin/lorapipe check --params-only
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc repro
 
+# Two workers, a test file to each (pytest-xdist): on 2 cores much of a test is process start,
+# imports and DVC, which overlap; --durations shows where the time went.
 test: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
 # The same without the tests marked slow (a killed run, real 4-bit SmolLM2, two ranks).
 test-fast: install

@@ -30,9 +30,9 @@ from bench.harness import (
 )
 from lorapipe.config import Params, parse_params
 from lorapipe.data import tokenize
+from lorapipe.data_sources import load_rows
 from lorapipe.lora import lora_config
 from lorapipe.modeling import load_base, load_tokenizer
-from lorapipe.sources import load_rows
 from lorapipe.tasks import get_task
 
 CAUSAL_LENGTHS = (128, 256, 512)

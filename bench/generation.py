@@ -14,12 +14,12 @@ from typing import Any
 from bench.harness import ROOT, row_text
 from lorapipe import chat
 from lorapipe.config import Params
+from lorapipe.data_sources import load_rows
 from lorapipe.evaluation import answer_set
 from lorapipe.generation import generate
 from lorapipe.modeling import load_base, load_config, load_tokenizer
 from lorapipe.recipes import recipe_params
 from lorapipe.runtime import autocast, resolve
-from lorapipe.sources import load_rows
 from lorapipe.tasks import get_task
 
 

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 
 from bench.gpu import NO_CUDA, TARGET_MODULES, cell_params
 from lorapipe import plan
-from lorapipe.modeling import load_config
+from lorapipe.modeling import build_meta_model, load_config
 from lorapipe.runtime import Runtime, detect, peak_memory_gb, resolve
 
 # --tiny: the shipped architecture (its attention, MLP, RoPE and tying) at 2 layers of width 64
@@ -221,7 +221,7 @@ def measure(a: argparse.Namespace) -> dict[str, Any]:
     config = load_config(p)
     rt = resolve(p, config)
     # N for the MFU: the base's parameters, counted on a meta copy (no memory).
-    n_params = sum(t.numel() for t in plan.build_meta_model(config, "causal_lm").parameters())
+    n_params = sum(t.numel() for t in build_meta_model(config, "causal_lm").parameters())
     data = synthetic(config.vocab_size, total * batch, a.seq)
     window = SyncedWindow(a.warmup)
     switches = {"use_liger_kernel": a.liger, "torch_compile": a.compile}

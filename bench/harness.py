@@ -20,10 +20,10 @@ from transformers.trainer_callback import PrinterCallback
 
 from lorapipe.config import Params
 from lorapipe.data import tokenize
-from lorapipe.metrics import evaluate_model
+from lorapipe.data_sources import load_rows
+from lorapipe.evaluation import evaluate_model
 from lorapipe.modeling import load_config, load_tokenizer, load_with_adapter
 from lorapipe.runtime import Runtime, detect, resolve
-from lorapipe.sources import load_rows
 from lorapipe.tasks import get_task
 from lorapipe.training import train
 

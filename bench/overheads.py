@@ -12,8 +12,8 @@ from typing import Any
 
 from bench.harness import ROOT, SST2_FULL
 from lorapipe.config import Params
+from lorapipe.data_sources import load_rows
 from lorapipe.modeling import load_tokenizer
-from lorapipe.sources import load_rows
 from lorapipe.tasks import get_task
 
 

@@ -10,7 +10,7 @@ from lorapipe import progress, stage
 
 
 def main(p):
-    from lorapipe.sources import check_data
+    from lorapipe.data_sources import check_data
 
     start = time.perf_counter()
     check_data(p)  # the data files and their columns, before torch takes seconds to load

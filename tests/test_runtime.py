@@ -338,7 +338,7 @@ def test_a_bf16_checkpoint_is_merged_saved_and_verified_in_bf16(tiny_llama, tmp_
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lorapipe.pipeline import run_all
-    from tests.test_causal import causal_params
+    from tests.test_causal_pipeline import causal_params
 
     bf16 = tmp_path / "bf16-base"
     AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16).save_pretrained(bf16)

@@ -133,7 +133,9 @@ def fake_stage(repo: Path, cmd: list[str], env: dict[str, str], log: Path) -> tu
     assert values["train.epochs"] == 1  # set: applies to every trial
     if values["lora.r"] == 4:
         return 1, "Running stage 'train'\nerror: lora.r: boom\nERROR: failed to reproduce 'train'"
-    (callback,) = _callbacks(env)
+    # A run the pruner may stop is keyed by its trial: DVC's run-cache never hands it to another.
+    assert values["train.search_trial"] == cmd[6]
+    (callback,) = _callbacks(env, values["train.search_trial"])
     state, control = TrainerState(), TrainerControl()
     for step in (10, 20, 30, 40):
         state.global_step = step
@@ -147,14 +149,14 @@ def fake_stage(repo: Path, cmd: list[str], env: dict[str, str], log: Path) -> tu
     return 0, ""
 
 
-def _callbacks(env: dict[str, str]) -> list[object]:
+def _callbacks(env: dict[str, str], search_trial: str) -> list[object]:
     from lorapipe.trial import pruning_callbacks
 
     with pytest.MonkeyPatch.context() as mp:
         for k, v in env.items():
             if k.startswith("LORAPIPE_"):
                 mp.setenv(k, v)
-        return pruning_callbacks()
+        return pruning_callbacks(search_trial)
 
 
 def fake_metric(repo: Path, name: str, objective: str) -> float | None:
@@ -202,6 +204,7 @@ def test_a_killed_workers_trial_is_failed_and_the_study_resumes(tmp_path: Path) 
 
     def run(repo: Path, cmd: list[str], env: dict[str, str], log: Path) -> tuple[int, str]:
         assert "LORAPIPE_PRUNER" not in env  # pruner: null
+        assert "train.search_trial" not in _args(cmd)  # unpruned runs share the run-cache
         return 0, ""
 
     study = searchrun.search(spec, tmp_path, runner=run, metric=lambda *a: 0.7)

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from lorapipe.config import UserError, load_params
+from lorapipe.model_sources import resolve_model
 from lorapipe.modeling import load_config, load_with_adapter
 from lorapipe.runtime import resolve
-from lorapipe.sources import resolve_model
 from tests.conftest import MINILM, ROOT, dvc, make_project, run, set_params
 
 # MiniLM from its package (a `pkg:` base, as the default), on a handful of rows: seconds.
@@ -115,7 +115,7 @@ def test_copied_adapter_loads_where_the_package_lives_elsewhere(clones, tmp_path
     p = load_params(a / "params.yaml")
     here = load(p, adapter)
     elsewhere = shutil.copytree(resolve_model(MINILM), tmp_path / "other-venv/site-packages/m")
-    monkeypatch.setattr("lorapipe.sources._package_path", lambda spec, field: elsewhere)
+    monkeypatch.setattr("lorapipe.model_sources._package_path", lambda spec, field: elsewhere)
     there = load(p, adapter)
     assert there.base_model.model.name_or_path == str(elsewhere)
     ids = torch.tensor([[101, 2023, 3185, 2003, 2307, 102]])
@@ -142,7 +142,7 @@ import sys
 from pathlib import Path
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForSequenceClassification
-from lorapipe.card import make_portable
+from lorapipe.lora import make_portable
 base = AutoModelForSequenceClassification.from_pretrained(sys.argv[1])
 model = get_peft_model(base, LoraConfig(target_modules=["query", "key", "value"]))
 model.save_pretrained(sys.argv[2])

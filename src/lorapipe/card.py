@@ -1,5 +1,5 @@
-"""Model cards (README.md) for the adapter and merged folders, as hub users expect, their
-Provenance section, and the portable base name an adapter records."""
+"""Model cards (README.md) for the adapter and merged folders, as hub users expect, and their
+Provenance section."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from typing import Any
 import yaml
 
 from lorapipe.config import Params
-from lorapipe.io import read_json, write_json
 from lorapipe.tasks import get_task
 
 
@@ -86,27 +85,6 @@ def provenance_section(cert: dict[str, Any]) -> str:
         f"\n\n```json\n{json.dumps({k: cert[k] for k in ('inputs', 'metrics')}, indent=2)}\n```"
         "\n\n</details>\n"
     )
-
-
-def make_portable(folder: Path, name: str) -> None:
-    """Record the base as params name it (pkg:…, hub id), not as the folder it loaded from, and
-    the target modules in a stable order: the same adapter, the same bytes on every machine.
-
-    PEFT writes the resolved folder, for a packaged model a path inside this virtualenv: another
-    machine could not load it, and the adapter's DVC hash would differ per venv path.
-    modeling.load_with_adapter resolves the name on the machine that loads it. (Rewritten after
-    saving: PEFT's save looks the recorded name up as a folder or on the hub.) PEFT keeps
-    target_modules as a set, saved in string-hash order, which changes from process to process.
-    """
-    config = folder / "adapter_config.json"
-    raw = read_json(config)
-    old, raw["base_model_name_or_path"] = raw.get("base_model_name_or_path"), name
-    if isinstance(raw.get("target_modules"), list):  # not a regex or "all-linear"
-        raw["target_modules"] = sorted(raw["target_modules"])
-    write_json(config, raw)
-    readme = folder / "README.md"  # PEFT's own card (in checkpoints) names the base too
-    if old and readme.is_file():
-        readme.write_text(readme.read_text(encoding="utf-8").replace(old, name), encoding="utf-8")
 
 
 def usage(p: Params, adapter: Path) -> str:

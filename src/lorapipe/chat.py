@@ -14,9 +14,10 @@ from typing import Any
 import datasets
 from transformers import PreTrainedTokenizerBase
 
-from lorapipe.config import DataParams, UserError
+from lorapipe.config import UserError
+from lorapipe.data_sources import at
 from lorapipe.packing import IGNORE
-from lorapipe.sources import at
+from lorapipe.sections_model import DataParams
 
 CONVERSATION_COLUMN = {"messages": "messages", "sharegpt": "conversations"}
 SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}

@@ -12,7 +12,8 @@ from typing import Any
 
 from safetensors import safe_open
 
-from lorapipe.config import Params, UserError, best_model_metric
+from lorapipe.config import Params, UserError
+from lorapipe.sections_run import best_model_metric
 
 CHECKPOINT_FILES = (
     "trainer_state.json",

@@ -19,7 +19,7 @@ def _params(args: argparse.Namespace) -> Params:
 
 
 def cmd_check(args: argparse.Namespace) -> None:
-    from lorapipe.sources import check_data
+    from lorapipe.data_sources import check_data
 
     p = _params(args)  # params, then the data files' headers: both before torch loads
     if args.params_only:
@@ -114,7 +114,7 @@ def cmd_verify(args: argparse.Namespace) -> None:
 
 
 def _read_inputs(source: str) -> list[str]:
-    from lorapipe.sources import read_text_file
+    from lorapipe.data_sources import read_text_file
 
     if source == "-":
         text = sys.stdin.read()
@@ -179,7 +179,7 @@ def _load(args: argparse.Namespace, p: Params) -> Any:
 
 def cmd_predict(args: argparse.Namespace) -> None:
     p = load_params(args.params)
-    if p.task != "seq_cls":
+    if p.task != "seq_cls":  # by name: tasks.py loads torch, and this refusal comes before it
         raise UserError(f"task: predict is for seq_cls; this project is {p.task} (use generate)")
     _check_model_folders(args)
     lines = _read_inputs(args.input)
@@ -199,20 +199,18 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     p = load_params(args.params)
-    if p.task == "seq_cls":
+    if p.task == "seq_cls":  # by name: tasks.py loads torch, and this refusal comes before it
         raise UserError("task: generate is for causal_lm and sft; this project is seq_cls")
     _check_model_folders(args)
     lines = _read_inputs(args.input)
     import torch
 
-    model, tok = _load(args, p)
-    from lorapipe.chat import prompt_text, require_template
+    from lorapipe.tasks import get_task
 
-    if p.task == "sft":
-        require_template(tok, p.data)
+    model, tok = _load(args, p)
+    task = get_task(p.task)
     for line in lines:
-        # sft: what training put before an answer (the chat template or the separator)
-        prompt = prompt_text(tok, p.data, line) if p.task == "sft" else line
+        prompt = task.prompt(tok, p.data, line)
         enc = tok(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
         with torch.no_grad():
             out = model.generate(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -11,41 +10,14 @@ import datasets
 
 from lorapipe.chat import CONVERSATION_COLUMN
 from lorapipe.config import Params, UserError, stage_params
+from lorapipe.data_sources import LINE, at, check_data, load_rows, require_columns, task_columns
 from lorapipe.io import atomic_dir, write_json
 from lorapipe.modeling import check_max_length, load_config, load_tokenizer
-from lorapipe.sources import LINE, at, check_data, load_rows, require_columns, task_columns
 from lorapipe.tasks import get_task
 
 log = logging.getLogger(__name__)
 
-TOKENIZE_KEYS = [
-    "task",
-    "model.name",
-    "model.trust_remote_code",
-    "tokenize.max_length",
-    "tokenize.layout",
-    *(
-        f"data.{k}"
-        for k in (
-            "train",
-            "eval",
-            "eval_fraction",
-            "text_field",
-            "label_field",
-            "num_labels",
-            "format",
-            "input_field",
-            "output_field",
-            "separator",
-            "input_template",
-            "label_names",
-            "chat_template",
-            "max_train_rows",
-            "max_eval_rows",
-        )
-    ),
-    "train.seed",
-]
+TOKENIZE_KEYS = ["task", "model", "tokenize", "data", "train.seed"]
 
 
 def _split(p: Params) -> tuple[datasets.Dataset, datasets.Dataset]:
@@ -105,30 +77,6 @@ def _in_train(train: datasets.Dataset, evaluation: datasets.Dataset, p: Params) 
     return sum(row in seen for row in zip(*(evaluation[c][:] for c in columns), strict=True))
 
 
-def label_counts(labels: list[int], num_labels: int, where: str) -> dict[str, int]:
-    """{label: rows}; a loud warning for a class that is missing or under 1 %."""
-    counts = Counter(labels)
-    total = len(labels)
-    shares = ", ".join(
-        f"{k}: {counts[k]} ({100 * counts[k] / total:.1f} %)" for k in sorted(counts)
-    )
-    log.info("%s labels: %s", where, shares)
-    for label in range(num_labels):
-        if counts[label] == 0:
-            log.warning(
-                "%s: label %d has no rows of %d: %s",
-                where,
-                label,
-                total,
-                "the model cannot learn it" if where == "data.train" else "eval cannot score it",
-            )
-        elif counts[label] < 0.01 * total:
-            log.warning(
-                "%s: label %d has %d of %d rows (under 1 %%)", where, label, counts[label], total
-            )
-    return {str(k): counts[k] for k in range(num_labels)}
-
-
 def tokenize(p: Params, out: Path) -> dict[str, Any]:
     """Tokenize train and eval into `out` (a DatasetDict) with a meta.json of what made it."""
     check_data(p)  # a missing file or column in one line, before the model's config loads
@@ -161,15 +109,9 @@ def tokenize(p: Params, out: Path) -> dict[str, Any]:
     }
     if fit["train"] or fit["eval"]:
         meta["max_length_fit"] = fit
-    if p.task == "seq_cls":
-        meta["labels"] = {
-            name: label_counts(split["labels"][:], p.data.num_labels, f"data.{name}")
-            for name, split in (("train", train), ("eval", evaluation))
-        }
     splits = {"train": train, "eval": evaluation}
-    if p.task == "causal_lm":  # the eval text in order, for evaluate.perplexity: sliding_window
-        eval_head = _head(eval_rows, p.data.max_eval_rows)
-        splits["eval_stream"] = task.stream(eval_head, tok, p, "data.eval")
+    meta |= task.split_meta(splits, p)
+    splits |= task.extra_splits(eval_rows, tok, p)
     with atomic_dir(out) as tmp:
         datasets.DatasetDict(splits).save_to_disk(str(tmp))
         write_json(tmp / "meta.json", meta)

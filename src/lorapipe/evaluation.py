@@ -1,4 +1,5 @@
-"""The evaluate stage's library: base vs tuned metrics on the eval split, and a few samples."""
+"""The evaluate stage's library: the evaluation loop (sums over the whole set, metrics once at
+the end, by the task), base vs tuned on the eval split, generated answers, a few samples."""
 
 from __future__ import annotations
 
@@ -9,38 +10,48 @@ from typing import Any
 
 import datasets
 import torch
+from torch.utils.data import DataLoader
 from transformers import DataCollatorForSeq2Seq, set_seed
 
-from lorapipe import answers, chat
+from lorapipe import answers, chat, progress
 from lorapipe.config import MODEL_KEYS, QUANT_KEYS, Params, UserError
 from lorapipe.generation import Example, examples, generate
 from lorapipe.io import write_json, write_text_atomic
-from lorapipe.metrics import evaluate_model
 from lorapipe.modeling import load_config, load_tokenizer, load_with_adapter
-from lorapipe.packing import first_document
+from lorapipe.packing import first_document, model_inputs
 from lorapipe.runtime import Runtime, autocast, resolve
 from lorapipe.tasks import IGNORE, get_task
 
 EVAL_KEYS = [
     *MODEL_KEYS,
     *QUANT_KEYS,
-    "evaluate.batch_size",
-    "evaluate.num_samples",
-    "evaluate.max_new_tokens",
-    "evaluate.perplexity",
-    "evaluate.stride",
-    "evaluate.generate",
-    "evaluate.metrics",
-    "evaluate.labels",
-    "evaluate.do_sample",
-    "evaluate.temperature",
-    "evaluate.top_p",
+    "evaluate",
     "data.format",  # the end-of-turn token generation stops at
     "data.chat_template",
     "data.label_names",  # evaluate.labels: auto
     "train.seed",
     "train.mixed_precision",  # evaluation runs under training's autocast
 ]
+
+
+def evaluate_model(
+    model: torch.nn.Module, dataset: Any, collator: Any, task: Any, batch_size: int
+) -> dict[str, Any]:
+    """Run `model` over `dataset` in its stored order (sorted by length: little padding)."""
+    # Hand-written rather than Trainer.evaluate: Trainer averages per-batch mean losses, which
+    # weighs tokens unequally; perplexity needs the token-level sum.
+    model.eval()
+    device = next(model.parameters()).device
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collator, shuffle=False)
+    sums: dict[str, Any] = {}
+    # no_grad as a block, not a decorator: mutation testing (`make mutate`) skips decorated code.
+    with torch.no_grad():
+        for batch in progress.bar(loader, "evaluate", unit="batch"):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = model(**model_inputs(batch, device)).logits
+            for key, value in task.score_batch(logits, batch).items():
+                sums[key] = sums[key] + value if key in sums else value
+    return task.summarize(sums)
 
 
 def sliding_windows(stream: list[int], window: int, stride: int) -> datasets.Dataset:
@@ -64,42 +75,9 @@ def sliding_windows(stream: list[int], window: int, stride: int) -> datasets.Dat
 def samples(p: Params, model: Any, tok: Any, data: datasets.Dataset) -> list[dict[str, Any]]:
     """A few eval rows run through the tuned model: label + probability, or a greedy completion."""
     rows = data.select(range(min(p.evaluate.num_samples, len(data))))
-    device = next(model.parameters()).device
-    out = []
-    for row in rows:
-        row = first_document(row)  # a packed block's first document, its positions from 0
-        ids = torch.tensor([row["input_ids"]], device=device)
-        if p.task == "seq_cls":
-            probs = model(input_ids=ids).logits.softmax(-1)[0]
-            out.append(
-                {
-                    "text": tok.decode(row["input_ids"], skip_special_tokens=True),
-                    "label": row["labels"],
-                    "predicted": int(probs.argmax()),
-                    "probability": round(float(probs.max()), 4),
-                }
-            )
-            continue
-        # The prompt: an sft row's unlabelled prefix, or the first quarter of a text.
-        if p.task == "sft":
-            cut = next(i for i, lab in enumerate(row["labels"]) if lab != IGNORE)
-        else:
-            cut = max(1, len(row["input_ids"]) // 4)
-        gen = model.generate(
-            input_ids=ids[:, :cut],
-            attention_mask=torch.ones_like(ids[:, :cut]),
-            max_new_tokens=p.evaluate.max_new_tokens,
-            do_sample=False,
-            pad_token_id=tok.pad_token_id,
-        )
-        out.append(
-            {
-                "prompt": tok.decode(ids[0, :cut]),
-                "reference": tok.decode(ids[0, cut:], skip_special_tokens=True),
-                "generated": tok.decode(gen[0, cut:], skip_special_tokens=True),
-            }
-        )
-    return out
+    task = get_task(p.task)
+    # A packed block's first document, its positions from 0.
+    return [task.sample(model, tok, first_document(row), p) for row in rows]
 
 
 def answer_set(p: Params, tok: Any, data: datasets.Dataset) -> tuple[list[Example], list[str]]:

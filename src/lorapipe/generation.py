@@ -17,8 +17,8 @@ import datasets
 import torch
 
 from lorapipe import progress
-from lorapipe.config import EvaluateParams
 from lorapipe.packing import IGNORE
+from lorapipe.sections_run import EvaluateParams
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,9 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import load_file, save_file
 
-from lorapipe.config import ALL_LINEAR, LoraParams, Params, UserError
+from lorapipe.config import Params, UserError
+from lorapipe.io import read_json, write_json
+from lorapipe.sections_model import ALL_LINEAR, LoraParams
 from lorapipe.tasks import get_task
 
 if TYPE_CHECKING:  # peft takes seconds to import: the checks that run before it need none
@@ -18,26 +20,15 @@ if TYPE_CHECKING:  # peft takes seconds to import: the checks that run before it
 # Inits that move the top of W into A·B (W_res = W − s·B0·A0): the saved adapter is converted to
 # a plain LoRA of rank 2r (ΔW = B·A − B0·A0) that applies to the original base.
 RESIDUAL_INITS = ("pissa", "olora")
-# The params that define the adapter's shape, scaling and init (train and merge read them).
-ADAPTER_KEYS = [
-    "lora.r",
-    "lora.alpha",
-    "lora.target_modules",
-    "lora.bias",
-    "lora.use_dora",
-    "lora.use_rslora",
-    "lora.init",
-    "lora.rank_pattern",
-    "lora.alpha_pattern",
-]
 
 
-def peft_config(lora: LoraParams, task: str) -> LoraConfig:
+def lora_config(p: Params) -> LoraConfig:
     """h = Wx + s·B·A·x with s = alpha/r (alpha/√r under rsLoRA); DoRA rescales each column."""
     from peft import LoraConfig
 
+    lora = p.lora
     return LoraConfig(
-        task_type=get_task(task).peft_task_type,
+        task_type=get_task(p.task).peft_task_type,
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
@@ -49,10 +40,6 @@ def peft_config(lora: LoraParams, task: str) -> LoraConfig:
         rank_pattern=dict(lora.rank_pattern),
         alpha_pattern=dict(lora.alpha_pattern),
     )
-
-
-def lora_config(p: Params) -> LoraConfig:
-    return peft_config(p.lora, p.task)
 
 
 def scaling(lora: LoraParams) -> float:
@@ -150,3 +137,24 @@ def save_adapter(model: PeftModel, out: Path, initial: Path | None) -> None:
     converted = load_file(weights)
     kept = {k: v for k, v in plain.items() if ".lora_A." not in k and ".lora_B." not in k}
     save_file({**kept, **converted}, weights, metadata={"format": "pt"})
+
+
+def make_portable(folder: Path, name: str) -> None:
+    """Record the base as params name it (pkg:…, hub id), not as the folder it loaded from, and
+    the target modules in a stable order: the same adapter, the same bytes on every machine.
+
+    PEFT writes the resolved folder, for a packaged model a path inside this virtualenv: another
+    machine could not load it, and the adapter's DVC hash would differ per venv path.
+    modeling.load_with_adapter resolves the name on the machine that loads it. (Rewritten after
+    saving: PEFT's save looks the recorded name up as a folder or on the hub.) PEFT keeps
+    target_modules as a set, saved in string-hash order, which changes from process to process.
+    """
+    config = folder / "adapter_config.json"
+    raw = read_json(config)
+    old, raw["base_model_name_or_path"] = raw.get("base_model_name_or_path"), name
+    if isinstance(raw.get("target_modules"), list):  # not a regex or "all-linear"
+        raw["target_modules"] = sorted(raw["target_modules"])
+    write_json(config, raw)
+    readme = folder / "README.md"  # PEFT's own card (in checkpoints) names the base too
+    if old and readme.is_file():
+        readme.write_text(readme.read_text(encoding="utf-8").replace(old, name), encoding="utf-8")

@@ -24,7 +24,6 @@ from lorapipe import progress
 from lorapipe.card import model_card
 from lorapipe.config import MODEL_KEYS, QUANT_KEYS, Params, UserError
 from lorapipe.io import atomic_dir, read_json, write_json
-from lorapipe.lora import ADAPTER_KEYS
 from lorapipe.merge_check import (
     compare_logits,
     effect_share,
@@ -33,23 +32,19 @@ from lorapipe.merge_check import (
     thresholds,
     verdict,
 )
-from lorapipe.modeling import load_config, load_tokenizer, load_with_adapter
+from lorapipe.modeling import build_meta_model, load_config, load_tokenizer, load_with_adapter
 from lorapipe.packing import model_inputs
-from lorapipe.plan import build_meta_model
 from lorapipe.provenance import certify
 from lorapipe.runtime import Runtime, merge_runtime, resolve
 from lorapipe.tasks import IGNORE, get_task
 
 MERGE_KEYS = [
     *MODEL_KEYS,
-    *ADAPTER_KEYS,
     *QUANT_KEYS,
     "evaluate.batch_size",  # the merged model is scored as evaluate scores the adapter
     "evaluate.perplexity",
     "evaluate.stride",
-    "merge.tolerance",
-    "merge.min_top1_agreement",
-    "merge.probe_size",
+    "merge",
 ]
 
 

@@ -21,9 +21,9 @@ import torch
 from peft.tuners.lora import LoraLayer
 from transformers import DataCollatorForSeq2Seq
 
-from lorapipe.config import MergeParams, Params
-from lorapipe.evaluation import sliding_windows
-from lorapipe.metrics import evaluate_model
+from lorapipe.config import Params
+from lorapipe.evaluation import evaluate_model, sliding_windows
+from lorapipe.sections_run import MergeParams
 from lorapipe.tasks import IGNORE
 
 # `auto` thresholds per dtype: (relative max logit difference, top-1 agreement) that rounding

@@ -6,22 +6,29 @@ speed switches (compile, Liger's kernels) and deterministic algorithms are check
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+from accelerate import init_empty_weights
+from transformers import (
+    AutoConfig,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.utils import is_liger_kernel_available
 
-from lorapipe import plan
 from lorapipe.config import Params, UserError
 from lorapipe.lora import check_target_modules, check_variant, lora_config
+from lorapipe.model_sources import resolve_model
 from lorapipe.quant import bnb_config, check_bitsandbytes
 from lorapipe.runtime import Runtime
-from lorapipe.sources import resolve_model
-from lorapipe.tasks import get_task
+from lorapipe.tasks import TASKS, get_task
 
 if TYPE_CHECKING:  # peft takes seconds to import: `lorapipe check` needs none of it
     from peft import PeftModel
@@ -41,6 +48,18 @@ def load_tokenizer(p: Params) -> PreTrainedTokenizerBase:
     return tok
 
 
+def build_meta_model(config: PretrainedConfig, task: str, num_labels: int = 2) -> PreTrainedModel:
+    """Instantiate the model on the meta device: shapes only, no weight memory."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {sorted(TASKS)}")
+    config = copy.deepcopy(config)  # don't change the caller's config
+    for key, value in TASKS[task].model_kwargs(num_labels).items():
+        setattr(config, key, value)
+    # include_buffers=True also keeps rotary caches etc. off the CPU.
+    with init_empty_weights(include_buffers=True):
+        return TASKS[task].auto_model.from_config(config)
+
+
 def check_max_length(p: Params, config: PretrainedConfig) -> None:
     limit = getattr(config, "max_position_embeddings", None)
     if limit and p.tokenize.max_length > limit:
@@ -56,7 +75,7 @@ def preflight(p: Params) -> PretrainedConfig:
     config = load_config(p)
     check_max_length(p, config)
     try:
-        meta = plan.build_meta_model(config, p.task, p.data.num_labels)
+        meta = build_meta_model(config, p.task, p.data.num_labels)
     except ValueError as exc:
         raise UserError(
             f"task: the model ({config.model_type}) cannot do {p.task}: {str(exc).splitlines()[0]}"
@@ -81,7 +100,7 @@ def load_base(
         trust_remote_code=p.model.trust_remote_code,
         attn_implementation=rt.attn_implementation,
         **({"device_map": rt.device_map} if rt.device_map else {}),
-        **task.model_kwargs(p.data),
+        **task.model_kwargs(p.data.num_labels),
     )
     if model.config.pad_token_id is None:
         model.config.pad_token_id = pad_token_id

@@ -18,6 +18,7 @@ import bisect
 from dataclasses import dataclass
 from typing import Any
 
+import datasets
 import torch
 
 IGNORE = -100  # the label id that cross-entropy skips
@@ -109,3 +110,19 @@ def first_document(row: dict[str, Any]) -> dict[str, Any]:
         return row
     end = next((i for i in range(1, len(positions)) if positions[i] == 0), len(positions))
     return {k: v[:end] if isinstance(v, list) else v for k, v in row.items()}
+
+
+def causal_dataset(ids: list[list[int]], labels: list[list[int]]) -> datasets.Dataset:
+    return datasets.Dataset.from_dict(
+        {
+            "input_ids": ids,
+            "attention_mask": [[1] * len(x) for x in ids],
+            "labels": labels,
+            "length": [len(x) for x in ids],
+        }
+    )
+
+
+def packed_dataset(docs: list[tuple[list[int], list[int]]], size: int) -> datasets.Dataset:
+    blocks = pack(docs, size)
+    return datasets.Dataset.from_dict({**blocks, "length": [len(x) for x in blocks["input_ids"]]})

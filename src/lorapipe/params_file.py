@@ -1,9 +1,9 @@
 """A complete params file rendered from the schema, and one key explained.
 
-lorapipe.config holds every key's default and description, and which tasks read it; a recipe
-holds what differs from the defaults. `render` writes every key with its value, its
-description above it and a `# <task> only` mark beside it; `explain` tells one key's meaning,
-default, current value, allowed values and the dvc.yaml stages that read it.
+lorapipe.sections_model and sections_run hold every key's default and description, and which
+tasks read it; a recipe holds what differs from the defaults. `render` writes every key with
+its value, its description above it and a `# <task> only` mark beside it; `explain` tells one
+key's meaning, default, current value, allowed values and the dvc.yaml stages that read it.
 """
 
 from __future__ import annotations

@@ -6,20 +6,15 @@ meta device, so a 70B model is planned in seconds without downloading or allocat
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from accelerate import init_empty_weights
 from transformers import (
     AutoConfig,
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
     PretrainedConfig,
-    PreTrainedModel,
 )
 from transformers.quantizers.base import get_keys_to_not_convert
 from transformers.quantizers.quantizers_utils import should_convert_module
@@ -31,20 +26,11 @@ MODEL_CONFIGS_DIR = Path(__file__).parent / "model_configs"
 GIB = 2**30
 NAMED_DEVICES_GB = (24.0, 40.0, 80.0)
 
-# Two lines for the README: why a popular tutorial's figures for this BERT setup cannot be right.
-TUTORIAL_MISMATCH = (
-    "PEFT prints 296,450 || 109,780,228 for bert-base-uncased (2 labels, r=8, query+value): "
-    "294,912 LoRA + 1,538 head copy, and 'all' = 109,483,778 base + both.\n"
-    "'590,848 || 109,483,778' is inconsistent: that 'all' is the bare base (LoRA not counted), and "
-    "590,848 (= 589,824 + 1,024) is not LoRA on BERT, which adds multiples of 768, plus 0 or 1,538."
-)
-
-_TASK_TYPES = {"seq_cls": "SEQ_CLS", "causal_lm": "CAUSAL_LM", "sft": "CAUSAL_LM"}  # peft.TaskType
-
 
 def load_model_config(name: str) -> PretrainedConfig:
     """Config from a local folder, else a shipped copy, else the hub (or its local cache)."""
-    from lorapipe.sources import hub_reachable, resolve_model
+    from lorapipe.hub import hub_reachable
+    from lorapipe.model_sources import resolve_model
 
     if name.startswith("pkg:") or Path(name).exists():
         name = resolve_model(name)  # a packaged or GGUF model: its (converted) folder
@@ -64,21 +50,6 @@ def load_model_config(name: str) -> PretrainedConfig:
         ) from exc
 
 
-def build_meta_model(config: PretrainedConfig, task: str, num_labels: int = 2) -> PreTrainedModel:
-    """Instantiate the model on the meta device: shapes only, no weight memory."""
-    if task not in _TASK_TYPES:
-        raise ValueError(f"unknown task {task!r}; expected one of {sorted(_TASK_TYPES)}")
-    if task == "seq_cls":
-        config = copy.deepcopy(config)  # don't change the caller's config
-        config.num_labels = num_labels
-        auto_cls = AutoModelForSequenceClassification
-    else:
-        auto_cls = AutoModelForCausalLM
-    # include_buffers=True also keeps rotary caches etc. off the CPU.
-    with init_empty_weights(include_buffers=True):
-        return auto_cls.from_config(config)
-
-
 def count_trainable(
     config: PretrainedConfig, lora_config: LoraConfig, task: str, num_labels: int = 2
 ) -> dict:
@@ -87,6 +58,8 @@ def count_trainable(
     `lora_config`: the one training uses (lorapipe.lora.lora_config(p)), so DoRA's magnitude
     vectors, rank_pattern, all-linear and bias are counted as PEFT will count them.
     """
+    from lorapipe.modeling import build_meta_model
+
     model = build_meta_model(config, task, num_labels)
     base_params = sum(p.numel() for p in model.parameters())
     # Mirror bitsandbytes: every nn.Linear is quantized except the output embedding, tied
@@ -321,9 +294,14 @@ def plan(
     """Load the config, count with PEFT on meta, estimate memory both ways and format it."""
     from peft import LoraConfig
 
+    from lorapipe.tasks import get_task
+
     config = load_model_config(model_name)
     lora_config = LoraConfig(
-        task_type=_TASK_TYPES[task], r=r, lora_alpha=alpha, target_modules=target_modules
+        task_type=get_task(task).peft_task_type,
+        r=r,
+        lora_alpha=alpha,
+        target_modules=target_modules,
     )
     counts = count_trainable(config, lora_config, task, num_labels)
     memory = [

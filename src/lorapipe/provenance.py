@@ -237,6 +237,17 @@ def _is_code(path: str) -> bool:
     return path.endswith(".py") or path.split("/")[0] in ("src", "stages", "configs")
 
 
+def _dotted(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A section dvc.yaml lists whole ({"lora": {"r": 8}}) as its keys ({"lora.r": 8})."""
+    out = {}
+    for key, value in params.items():
+        if isinstance(value, dict) and value:
+            out |= _dotted(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def _compare(cert: dict[str, Any], root: Path) -> dict[str, list[str]]:
     """What differs between the certificate and the checkout, by kind of input."""
     diff: dict[str, list[str]] = {k: [] for k in ("code", "data", "params", "versions", "machine")}
@@ -252,7 +263,7 @@ def _compare(cert: dict[str, Any], root: Path) -> dict[str, list[str]]:
         elif now["deps"][path] != was["deps"][path]:
             kind.append(path)
     for file in sorted(set(was["params"]) | set(now["params"])):
-        old, new = was["params"].get(file, {}), now["params"].get(file, {})
+        old, new = _dotted(was["params"].get(file, {})), _dotted(now["params"].get(file, {}))
         for key in sorted(set(old) | set(new)):
             if key not in old or key not in new or old[key] != new[key]:
                 was_value, now_value = old.get(key, "unset"), new.get(key, "unset")

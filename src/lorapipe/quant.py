@@ -7,7 +7,8 @@ import logging
 import torch
 from transformers import BitsAndBytesConfig
 
-from lorapipe.config import QuantParams, UserError
+from lorapipe.config import UserError
+from lorapipe.sections_model import QuantParams
 
 
 class FirstOnly(logging.Filter):

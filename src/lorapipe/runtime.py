@@ -20,6 +20,7 @@ import torch
 from lorapipe.config import Params, UserError
 from lorapipe.hardware import Machine, bf16_speed, cpu_has_bf16, peak_tflops
 from lorapipe.hardware import describe as describe
+from lorapipe.tasks import get_task
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 GB = 1e9
@@ -163,10 +164,8 @@ def _base_dtype(m: Machine, kbit: bool, compute: torch.dtype) -> tuple[torch.dty
 
 def eval_batch_size(p: Params, m: Machine, vocab_size: int, compute: torch.dtype) -> int:
     """evaluate.batch_size, lowered until one batch's logits fit a share of the device."""
-    if p.task == "seq_cls":
-        return p.evaluate.batch_size  # a few logits per row
     per_elem = torch.finfo(compute).bits // 8 + 4 + 4  # logits, fp32 upcast, log-softmax
-    per_row = p.tokenize.max_length * vocab_size * per_elem
+    per_row = get_task(p.task).eval_logits(p, vocab_size) * per_elem
     fits = int(m.memory_gb * GB * EVAL_LOGITS_SHARE // per_row)
     return max(1, min(p.evaluate.batch_size, fits))
 

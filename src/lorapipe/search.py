@@ -20,8 +20,9 @@ import yaml
 
 from lorapipe.config import UserError
 
-# Set by a search worker for the train stage (src/lorapipe/trial.py reads them).
-ENV_STUDY, ENV_STORAGE, ENV_TRIAL = "LORAPIPE_STUDY", "LORAPIPE_STORAGE", "LORAPIPE_TRIAL"
+# Set by a search worker for the train stage (src/lorapipe/trial.py reads them, with the trial's
+# name from train.search_trial).
+ENV_STORAGE = "LORAPIPE_STORAGE"
 ENV_PRUNER = "LORAPIPE_PRUNER"  # JSON: {"metric", "startup_trials", "warmup_evals"}
 PRUNED_ATTR = "pruned_at_step"  # the user attr the train stage sets when it stopped early
 

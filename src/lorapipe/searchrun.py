@@ -21,8 +21,6 @@ from typing import Any
 from lorapipe.search import (
     ENV_PRUNER,
     ENV_STORAGE,
-    ENV_STUDY,
-    ENV_TRIAL,
     PRUNED_ATTR,
     Spec,
     distributions,
@@ -128,6 +126,9 @@ def run_trial(
     name = f"{spec.study}-{trial.number}"
     trial.set_user_attr("experiment", name)
     trial.set_user_attr("heartbeat", time.time())
+    values = spec.fixed | trial.params
+    if spec.pruner:  # a run the pruner may stop depends on the study: never reused for another
+        values |= {"train.search_trial": name}
     cmd = [
         "dvc",
         "--wait-for-lock",
@@ -136,14 +137,10 @@ def run_trial(
         "--temp",
         "-n",
         name,
-        *set_args(spec.fixed | trial.params),
+        *set_args(values),
         *spec.stages,
     ]
-    env = os.environ | {
-        ENV_STUDY: spec.study,
-        ENV_STORAGE: spec.storage,
-        ENV_TRIAL: str(trial.number),
-    }
+    env = os.environ | {ENV_STORAGE: spec.storage}
     if spec.pruner:
         env[ENV_PRUNER] = json.dumps(spec.pruner)
     stop = threading.Event()

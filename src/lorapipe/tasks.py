@@ -1,11 +1,14 @@
 """What differs between tasks: how rows become tokens, the collator, the model class, the metrics.
 
-One small object per task, so the rest of the code never branches on the task name.
+One small object per task, so the rest of the code never branches on the task name, except
+where it must answer before torch loads: the params schema (which keys a task reads),
+data_sources' column check and the CLI's refusal of predict or generate for the wrong task.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -21,25 +24,19 @@ from transformers import (
 )
 
 from lorapipe import chat
-from lorapipe.config import DataParams, Params, UserError
-from lorapipe.metrics import perplexity
-from lorapipe.packing import IGNORE, PackedCollator, pack, pieces
-from lorapipe.sources import at
+from lorapipe.config import Params, UserError
+from lorapipe.data_sources import at, column_texts, label_counts, require_column
+from lorapipe.packing import IGNORE, PackedCollator, causal_dataset, packed_dataset, pieces
+from lorapipe.sections_model import DataParams
 
 log = logging.getLogger(__name__)
 
 
-def _require_column(rows: datasets.Dataset, column: str, key: str, where: str) -> None:
-    if column not in rows.column_names:
-        raise UserError(f"{where}: no '{column}' column (set {key}; columns: {rows.column_names})")
-
-
-def _texts(rows: datasets.Dataset, column: str, where: str) -> list[str]:
-    texts = rows[column][:]  # a list; list(Column) reads row by row (~2 s per 67k rows)
-    for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise UserError(f"{where}: {at(rows, i)}: '{column}' is {text!r}, not text")
-    return texts
+def perplexity(nll_sum: float, tokens: int) -> float:
+    """exp(mean token NLL) over all target tokens: sums across batches, never a mean of means."""
+    if tokens <= 0:
+        raise ValueError("perplexity needs at least one target token")
+    return math.exp(nll_sum / tokens)
 
 
 @dataclass(frozen=True)
@@ -54,8 +51,8 @@ class SeqCls:
     # The new head trains (a PEFT modules_to_save copy): bitsandbytes must leave it a Linear.
     kbit_skip_modules: ClassVar[list[str] | None] = ["classifier", "score"]
 
-    def model_kwargs(self, data: DataParams) -> dict[str, Any]:
-        return {"num_labels": data.num_labels}
+    def model_kwargs(self, num_labels: int) -> dict[str, Any]:
+        return {"num_labels": num_labels}
 
     def tokenize(
         self,
@@ -66,9 +63,9 @@ class SeqCls:
         counts: dict[str, int] | None = None,
     ) -> datasets.Dataset:
         d = p.data
-        _require_column(rows, d.text_field, "data.text_field", where)
-        _require_column(rows, d.label_field, "data.label_field", where)
-        texts = _texts(rows, d.text_field, where)
+        require_column(rows, d.text_field, "data.text_field", where)
+        require_column(rows, d.label_field, "data.label_field", where)
+        texts = column_texts(rows, d.text_field, where)
         labels = []
         for i, raw in enumerate(rows[d.label_field][:]):
             try:
@@ -92,8 +89,34 @@ class SeqCls:
         out = datasets.Dataset.from_dict({**enc, "labels": labels})
         return out.add_column("length", [len(ids) for ids in enc["input_ids"]])
 
+    def split_meta(self, splits: dict[str, datasets.Dataset], p: Params) -> dict[str, Any]:
+        """tokenize's meta.json: each split's label counts (a warning for a rare class)."""
+        n = p.data.num_labels
+        labels = {k: label_counts(s["labels"][:], n, f"data.{k}") for k, s in splits.items()}
+        return {"labels": labels}
+
+    def extra_splits(
+        self, rows: datasets.Dataset, tok: PreTrainedTokenizerBase, p: Params
+    ) -> dict[str, datasets.Dataset]:
+        return {}
+
+    def eval_logits(self, p: Params, vocab_size: int) -> int:
+        """Logits one eval row holds at once: a score per label."""
+        return p.data.num_labels
+
     def collator(self, tok: PreTrainedTokenizerBase, p: Params) -> Any:
         return DataCollatorWithPadding(tok)
+
+    def sample(self, model: Any, tok: PreTrainedTokenizerBase, row: dict, p: Params) -> dict:
+        """One eval row through the tuned model: its label, the predicted one, the probability."""
+        ids = torch.tensor([row["input_ids"]], device=next(model.parameters()).device)
+        probs = model(input_ids=ids).logits.softmax(-1)[0]
+        return {
+            "text": tok.decode(row["input_ids"], skip_special_tokens=True),
+            "label": row["labels"],
+            "predicted": int(probs.argmax()),
+            "probability": round(float(probs.max()), 4),
+        }
 
     def compute_metrics(self, pred: Any) -> dict[str, float]:
         return {"accuracy": float((np.argmax(pred.predictions, -1) == pred.label_ids).mean())}
@@ -132,7 +155,7 @@ class CausalLM:
     kbit_skip_modules: ClassVar[list[str] | None] = None  # transformers' own list (lm_head)
     compute_metrics: ClassVar[None] = None  # eval loss only: logits over a vocab are too big
 
-    def model_kwargs(self, data: DataParams) -> dict[str, Any]:
+    def model_kwargs(self, num_labels: int) -> dict[str, Any]:
         return {}
 
     def documents(
@@ -140,8 +163,8 @@ class CausalLM:
     ) -> list[list[int]]:
         """Each non-blank text's ids + EOS (a blank line has nothing to learn)."""
         column = p.data.text_field
-        _require_column(rows, column, "data.text_field", where)
-        texts = [t for t in _texts(rows, column, where) if t.strip()]
+        require_column(rows, column, "data.text_field", where)
+        texts = [t for t in column_texts(rows, column, where) if t.strip()]
         if not texts:
             raise UserError(f"{where}: no non-empty text in '{column}'")
         ids = tok(texts, add_special_tokens=False)["input_ids"]
@@ -160,15 +183,52 @@ class CausalLM:
             if counts is not None:
                 counts["truncated"] = sum(len(x) > size for x in docs)
             rows_ids = [[*x[:-1][: size - 1], x[-1]] for x in docs]  # truncated, EOS kept
-            return _causal_dataset(rows_ids, [list(x) for x in rows_ids])
+            return causal_dataset(rows_ids, [list(x) for x in rows_ids])
         # Pack: a document longer than a block is cut into pieces, each a document of its own.
-        return _packed_dataset([pc for x in docs for pc in pieces(x, x, size)], size)
+        return packed_dataset([pc for x in docs for pc in pieces(x, x, size)], size)
 
     def stream(
         self, rows: datasets.Dataset, tok: PreTrainedTokenizerBase, p: Params, where: str
     ) -> datasets.Dataset:
         """The eval text in its order, a row per document: evaluate.perplexity: sliding_window."""
         return datasets.Dataset.from_dict({"input_ids": self.documents(rows, tok, p, where)})
+
+    def split_meta(self, splits: dict[str, datasets.Dataset], p: Params) -> dict[str, Any]:
+        return {}
+
+    def extra_splits(
+        self, rows: datasets.Dataset, tok: PreTrainedTokenizerBase, p: Params
+    ) -> dict[str, datasets.Dataset]:
+        return {"eval_stream": self.stream(rows, tok, p, "data.eval")}
+
+    def eval_logits(self, p: Params, vocab_size: int) -> int:
+        """Logits one eval row holds at once: a score per vocabulary entry at every position."""
+        return p.tokenize.max_length * vocab_size
+
+    def prompt(self, tok: PreTrainedTokenizerBase, data: DataParams, text: str) -> str:
+        """What `lorapipe generate` continues: the text itself."""
+        return text
+
+    def prompt_length(self, row: dict) -> int:
+        """An eval sample's prompt: the first quarter of the text."""
+        return max(1, len(row["input_ids"]) // 4)
+
+    def sample(self, model: Any, tok: PreTrainedTokenizerBase, row: dict, p: Params) -> dict:
+        """One eval row's prompt, its reference continuation and the tuned model's (greedy)."""
+        ids = torch.tensor([row["input_ids"]], device=next(model.parameters()).device)
+        cut = self.prompt_length(row)
+        gen = model.generate(
+            input_ids=ids[:, :cut],
+            attention_mask=torch.ones_like(ids[:, :cut]),
+            max_new_tokens=p.evaluate.max_new_tokens,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+        )
+        return {
+            "prompt": tok.decode(ids[0, :cut]),
+            "reference": tok.decode(ids[0, cut:], skip_special_tokens=True),
+            "generated": tok.decode(gen[0, cut:], skip_special_tokens=True),
+        }
 
     def collator(self, tok: PreTrainedTokenizerBase, p: Params) -> Any:
         if p.tokenize.layout == "pack":
@@ -205,6 +265,20 @@ class SFT(CausalLM):
 
     name: ClassVar[str] = "sft"
 
+    def extra_splits(
+        self, rows: datasets.Dataset, tok: PreTrainedTokenizerBase, p: Params
+    ) -> dict[str, datasets.Dataset]:
+        return {}  # sliding-window perplexity is for plain text (causal_lm)
+
+    def prompt(self, tok: PreTrainedTokenizerBase, data: DataParams, text: str) -> str:
+        """What training put before an answer: the chat template or the separator."""
+        chat.require_template(tok, data)
+        return chat.prompt_text(tok, data, text)
+
+    def prompt_length(self, row: dict) -> int:
+        """An eval sample's prompt: the row's unlabelled prefix."""
+        return next(i for i, label in enumerate(row["labels"]) if label != IGNORE)
+
     def tokenize(
         self,
         rows: datasets.Dataset,
@@ -240,24 +314,8 @@ class SFT(CausalLM):
         if counts is not None:
             counts.update(dropped_long_prompt=len(dropped), truncated_response=cut)
         if p.tokenize.layout == "pack":
-            return _packed_dataset(docs, size)
-        return _causal_dataset([d[0] for d in docs], [d[1] for d in docs])
-
-
-def _causal_dataset(ids: list[list[int]], labels: list[list[int]]) -> datasets.Dataset:
-    return datasets.Dataset.from_dict(
-        {
-            "input_ids": ids,
-            "attention_mask": [[1] * len(x) for x in ids],
-            "labels": labels,
-            "length": [len(x) for x in ids],
-        }
-    )
-
-
-def _packed_dataset(docs: list[tuple[list[int], list[int]]], size: int) -> datasets.Dataset:
-    blocks = pack(docs, size)
-    return datasets.Dataset.from_dict({**blocks, "length": [len(x) for x in blocks["input_ids"]]})
+            return packed_dataset(docs, size)
+        return causal_dataset([d[0] for d in docs], [d[1] for d in docs])
 
 
 TASKS = {t.name: t for t in (SeqCls(), CausalLM(), SFT())}

@@ -35,11 +35,11 @@ from lorapipe.callbacks import (
     early_stopping,
     matmul_params,
 )
-from lorapipe.card import make_portable, model_card, usage
+from lorapipe.card import model_card, usage
 from lorapipe.checkpoints import latest_checkpoint, saving
-from lorapipe.config import MODEL_KEYS, QUANT_KEYS, Params, TrainParams, stage_params
+from lorapipe.config import MODEL_KEYS, QUANT_KEYS, Params, stage_params
 from lorapipe.io import atomic_dir, write_json
-from lorapipe.lora import ADAPTER_KEYS, RESIDUAL_INITS, save_adapter
+from lorapipe.lora import RESIDUAL_INITS, make_portable, save_adapter
 from lorapipe.modeling import (
     load_config,
     load_for_training,
@@ -55,14 +55,8 @@ from lorapipe.trial import pruning_callbacks
 log = logging.getLogger(__name__)
 
 # Exactly the params the train stage reads: dvc.yaml lists the same keys.
-TRAIN_KEYS = [
-    *MODEL_KEYS,
-    *ADAPTER_KEYS,
-    "lora.dropout",
-    "lora.plus_lr_ratio",
-    *QUANT_KEYS,
-    *(f"train.{k}" for k in TrainParams.model_fields),  # the whole train section
-]
+# Whole sections: lora, quant, train; the in-training eval runs batches of evaluate.batch_size.
+TRAIN_KEYS = [*MODEL_KEYS, "lora", *QUANT_KEYS, "train", "evaluate.batch_size"]
 
 
 class LengthBucketSampler(torch.utils.data.Sampler[int]):
@@ -252,7 +246,7 @@ def train(
             timer := LoopTimer(),
             *callbacks,
             *early_stopping(p),
-            *pruning_callbacks(),  # empty outside a `lorapipe search` trial
+            *pruning_callbacks(p.train.search_trial),  # empty outside a `lorapipe search` trial
         ],
         loraplus_lr_ratio=p.lora.plus_lr_ratio,
     )

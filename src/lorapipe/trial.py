@@ -1,7 +1,11 @@
 """Pruning in the train stage of a `lorapipe search` trial.
 
-The search worker sets LORAPIPE_STUDY, LORAPIPE_STORAGE, LORAPIPE_TRIAL (and LORAPIPE_PRUNER)
-for `dvc exp run`; without them `pruning_callbacks()` is empty and training is unchanged.
+With its pruner on, the search worker sets train.search_trial (<study>-<number>) and, for
+`dvc exp run`, LORAPIPE_STORAGE and LORAPIPE_PRUNER. Without them `pruning_callbacks()` is
+empty and training is unchanged. The trial's name is a param, not an environment variable, so
+DVC's run-cache keys a pruned result by its trial: no later run with the same other params
+(a study without pruning, a plain `dvc repro`) gets the stopped run's adapter.
+
 With them, each in-training eval metric is reported to the trial; when the study's median
 pruner says so, training stops, the checkpoint of that step is saved (the later stages run on
 the adapter so far) and the trial records PRUNED_ATTR, so the worker marks it PRUNED.
@@ -16,7 +20,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from lorapipe.search import ENV_PRUNER, ENV_STORAGE, ENV_STUDY, ENV_TRIAL, PRUNED_ATTR, open_storage
+from lorapipe.search import ENV_PRUNER, ENV_STORAGE, PRUNED_ATTR, open_storage
 
 log = logging.getLogger(__name__)
 
@@ -44,24 +48,25 @@ class PruningCallback(TrainerCallback):
         return control
 
 
-def pruning_callbacks() -> list[TrainerCallback]:
+def pruning_callbacks(search_trial: str | None) -> list[TrainerCallback]:
     """[PruningCallback] inside a search trial run by one process; [] otherwise."""
     env = os.environ
-    if not all(env.get(k) for k in (ENV_STUDY, ENV_STORAGE, ENV_TRIAL, ENV_PRUNER)):
+    if not (search_trial and env.get(ENV_STORAGE) and env.get(ENV_PRUNER)):
         return []
     if int(env.get("WORLD_SIZE", "1")) > 1:  # ranks would stop at different steps
         log.warning("search: pruning is off with several processes")
         return []
     import optuna
 
+    name, _, number = search_trial.rpartition("-")
     config = json.loads(env[ENV_PRUNER])
     storage = open_storage(env[ENV_STORAGE])
     study = optuna.load_study(
-        study_name=env[ENV_STUDY],
+        study_name=name,
         storage=storage,
         pruner=optuna.pruners.MedianPruner(n_startup_trials=config["startup_trials"]),
     )
-    study_id = storage.get_study_id_from_name(env[ENV_STUDY])
-    trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, int(env[ENV_TRIAL]))
+    study_id = storage.get_study_id_from_name(name)
+    trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, int(number))
     trial = optuna.trial.Trial(study, trial_id)
     return [PruningCallback(trial, config["metric"], config["warmup_evals"])]

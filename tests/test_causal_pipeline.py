@@ -9,8 +9,8 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lorapipe.config import parse_params
+from lorapipe.evaluation import evaluate_model
 from lorapipe.merge import _logits
-from lorapipe.metrics import evaluate_model
 from lorapipe.modeling import load_config, load_tokenizer, load_with_adapter
 from lorapipe.pipeline import run_all
 from lorapipe.recipes import recipe_params

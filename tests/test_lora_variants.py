@@ -21,9 +21,9 @@ from lorapipe import cli, plan
 from lorapipe.card import model_card
 from lorapipe.config import parse_params
 from lorapipe.lora import lora_config, save_adapter, scaling
+from lorapipe.model_sources import resolve_model
 from lorapipe.pipeline import run_all
 from lorapipe.recipes import recipe_params
-from lorapipe.sources import resolve_model
 from lorapipe.tasks import get_task
 from lorapipe.training import TRAIN_KEYS, train
 from tests.conftest import MINILM
@@ -80,7 +80,7 @@ def shrunk(tmp_path_factory):
 def peft_counts(p):
     """What PEFT counts on the real (tiny) model, as training builds it."""
     task = get_task(p.task)
-    base = task.auto_model.from_pretrained(p.model.name, **task.model_kwargs(p.data))
+    base = task.auto_model.from_pretrained(p.model.name, **task.model_kwargs(p.data.num_labels))
     return get_peft_model(base, lora_config(p)).get_nb_trainable_parameters()
 
 
