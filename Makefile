@@ -39,10 +39,11 @@ bench: install
 
 # Mutation testing of the core modules (not in CI; 21 min from a fresh clone on a 2-core CPU, see docs/testing.md,
 # "Mutation testing"). Config in pyproject.toml [tool.mutmut]; each mutant runs only the fast tests that
-# call the mutated function. Of training.py only the sampler is mutated, and the NaN guard in callbacks.py.
+# call the mutated function. Of training.py only the sampler is mutated, of evaluation.py the evaluation
+# loop, and the NaN guard in callbacks.py.
 # mutants/ is mutmut's working copy; .dvc/ is made first as mutmut copies .dvc/config into it.
 # One OpenMP thread: mutmut forks a child per mutant, and torch's thread pool deadlocks in a fork.
-MUTATE := 'lorapipe.merge.*' 'lorapipe.metrics.*' 'lorapipe.tasks.*' 'lorapipe.io.*' \
+MUTATE := 'lorapipe.merge.*' 'lorapipe.evaluation.x_evaluate_model*' 'lorapipe.tasks.*' 'lorapipe.io.*' \
 	'lorapipe.config.*' 'lorapipe.lora.*' 'lorapipe.plan.*' 'lorapipe.card.*' \
 	'lorapipe.merge_check.*' \
 	'lorapipe.training.xǁLengthBucketSamplerǁ*' 'lorapipe.callbacks.xǁNonFiniteGuardǁ*'
