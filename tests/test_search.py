@@ -225,14 +225,19 @@ searchrun.search(spec, Path(sys.argv[3]), jobs=2, runner=run, metric=lambda *a: 
 """
 
 
-def test_sigterm_stops_the_running_trials_and_they_do_not_count(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sigint", ["default", "ignored"])
+def test_sigterm_stops_the_running_trials_and_they_do_not_count(tmp_path: Path, sigint) -> None:
+    """ignored: started as a shell's background job is (SIGINT ignored, which exec passes on);
+    the trials must still stop on the SIGINT the search sends them."""
     import signal
     import subprocess
     import sys
 
     path = write(tmp_path, trials=4, pruner=None)
+    handler = signal.SIG_IGN if sigint == "ignored" else signal.SIG_DFL
     proc = subprocess.Popen(
-        [sys.executable, "-c", STOP_SCRIPT, str(path), str(ROOT), str(tmp_path)]
+        [sys.executable, "-c", STOP_SCRIPT, str(path), str(ROOT), str(tmp_path)],
+        preexec_fn=lambda: signal.signal(signal.SIGINT, handler),
     )
     journal = tmp_path / "s.journal"
     deadline = time.time() + 60

@@ -208,6 +208,9 @@ def search(
     STOPPING.clear()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)  # `kill` stops the trials as Ctrl-C does
+        # Started with SIGINT ignored (a shell's background job), the trials would inherit that
+        # and ignore the SIGINT that stops them: a handled signal is reset to default on exec.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     for w in workers:
         w.start()
     try:
