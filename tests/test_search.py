@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -149,10 +150,17 @@ def fake_stage(repo: Path, cmd: list[str], env: dict[str, str], log: Path) -> tu
     return 0, ""
 
 
+ENV_LOCK = threading.Lock()  # the study's workers are threads: one patches os.environ at a time
+
+
 def _callbacks(env: dict[str, str], search_trial: str) -> list[object]:
+    """The real callbacks as the train stage builds them, under the trial's LORAPIPE_* env.
+
+    Serialised: two threads patching os.environ at once restore each other's values, and the
+    variables then leak into later tests."""
     from lorapipe.trial import pruning_callbacks
 
-    with pytest.MonkeyPatch.context() as mp:
+    with ENV_LOCK, pytest.MonkeyPatch.context() as mp:
         for k, v in env.items():
             if k.startswith("LORAPIPE_"):
                 mp.setenv(k, v)
